@@ -1,0 +1,1 @@
+"""pycluster's built-in plugins, imported as ``pycluster.plugins``."""

@@ -1,0 +1,88 @@
+"""pycluster: Node.js's ``cluster`` for Python.
+
+A master process forks worker processes that share server ports. ``Master`` and ``Worker``
+are pyee EventEmitters publishing the lifecycle: ``fork``, ``online``, ``listening``,
+``message``, ``disconnect``, ``exit``.
+
+In a worker, importing this package connects it to its master. The master-side names
+(``Master``, ``Settings``, ``Address``) are imported on first use, so a worker does not pay
+for asyncio or attrs unless it uses them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._child import SharedSocket, ThisWorker, setup
+from ._errors import (
+    ChannelClosedError,
+    MessageError,
+    ProtocolError,
+    PyclusterError,
+    SettingsError,
+    StateError,
+)
+from ._state import WorkerState
+from ._worker import Worker
+
+if TYPE_CHECKING:
+    from ._master import Master
+    from ._settings import Settings
+    from ._sockets import Address
+
+__all__ = [
+    "Address",
+    "ChannelClosedError",
+    "Master",
+    "MessageError",
+    "ProtocolError",
+    "PyclusterError",
+    "Settings",
+    "SettingsError",
+    "SharedSocket",
+    "StateError",
+    "ThisWorker",
+    "Worker",
+    "WorkerState",
+    "__version__",
+    "is_master",
+    "is_primary",
+    "is_worker",
+    "worker",
+]
+
+__version__ = "0.1.0.dev0"
+
+#: This process's worker (``None`` in the primary).
+worker: ThisWorker | None = setup()
+#: True in the primary (master) process.
+is_primary: bool = worker is None
+#: Same as :data:`is_primary` (Node's older name).
+is_master: bool = is_primary
+#: True in a worker process.
+is_worker: bool = not is_primary
+
+_LAZY = {"Master": "._master", "Settings": "._settings", "Address": "._sockets"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        msg = f"module 'pycluster' has no attribute {name!r}"
+        raise AttributeError(msg)
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    value.__module__ = __name__
+    globals()[name] = value
+    return value
+
+
+def _public_module() -> None:
+    for name in ("ChannelClosedError", "MessageError", "ProtocolError", "PyclusterError",
+                 "SettingsError", "SharedSocket", "StateError", "ThisWorker", "Worker",
+                 "WorkerState"):
+        globals()[name].__module__ = __name__
+
+
+_public_module()

@@ -1,0 +1,45 @@
+"""The EventEmitter base of Master and Worker: a failing handler becomes an ``error`` event."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pyee.base import EventEmitter
+
+__all__ = ["Emitter", "log"]
+
+log = logging.getLogger("pycluster")
+
+
+class Emitter(EventEmitter):
+    """A pyee ``EventEmitter`` whose handlers cannot take the emitting process down.
+
+    An exception raised by a handler is emitted as ``error`` on the same emitter, after
+    which the remaining handlers of the original event still run. An ``error`` with no
+    listener, or a failing ``error`` handler, is logged on the ``pycluster`` logger.
+    """
+
+    def _emit_run(
+        self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        try:
+            f(*args, **kwargs)
+        except Exception as exc:
+            self._handler_failed(f, exc)
+
+    def _handler_failed(self, f: Callable[..., Any], exc: Exception) -> None:
+        # An error handler that fails is logged, never re-emitted: no loop of errors.
+        if self._events.get("error") and not self.__dict__.get("_reporting"):
+            self.__dict__["_reporting"] = True
+            try:
+                self.emit("error", exc)
+            finally:
+                self.__dict__["_reporting"] = False
+        else:
+            log.error("event handler %r failed", f, exc_info=exc)
+
+    def _emit_handle_potential_error(self, event: str, error: Any) -> None:
+        if event == "error":
+            log.error("%s: unhandled error event: %s", self, error, exc_info=error)

@@ -1,0 +1,505 @@
+"""``Master``: forks workers, shares ports with them and publishes their lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from ._channel import Channel
+from ._emitter import Emitter, log
+from ._errors import ProtocolError, StateError
+from ._protocol import CONTROL, decode_control, decode_message, encode_control
+from ._settings import Settings, check_env
+from ._sockets import Listeners
+from ._spawn import main_command, spawn
+from ._state import WorkerState
+from ._worker import Worker
+
+__all__ = ["Master"]
+
+_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2")
+
+
+class Master(Emitter):
+    """The primary process of a cluster: an EventEmitter that forks and watches workers.
+
+    Args:
+        **settings: see :class:`pycluster.Settings` (``exec``, ``target``, ``args``,
+            ``env``, ``cwd``, ``silent``, ``scheduling``, ``serialization``,
+            ``kill_timeout``, ``uid``, ``gid``, ``max_message_size``).
+
+    Events (on a worker's handle first, then here with the worker first):
+    ``fork(worker)``, ``online(worker)``, ``listening(worker, address)``,
+    ``message(worker, message)``, ``disconnect(worker)``, ``exit(worker, code, signal)``,
+    ``output(worker, stream, line)`` (``silent=True``), ``setup(settings)`` once when the
+    master starts running, ``signal(name)`` for SIGHUP, SIGUSR1 and SIGUSR2, and
+    ``error(exc)``. Order per worker: ``fork → online → listening* → disconnect → exit``.
+
+    Raises:
+        SettingsError: a setting is unknown or has a bad value.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__()
+        self.settings = Settings.make(settings)
+        self._command = main_command(self.settings)
+        self._workers: dict[int, Worker] = {}
+        self.workers: Mapping[int, Worker] = MappingProxyType(self._workers)
+        self._next_id = 1
+        self._listeners = Listeners(self.settings.scheduling)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deferred: list[Callable[[], None]] = []
+        self._pidfds: dict[int, int] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._listen_addresses: dict[tuple[int, int], Any] = {}
+        self._holds = 0
+        self._stopping = False
+        self._exit_code: int | None = None
+        self._abnormal = False
+        self._done: asyncio.Future[int] | None = None
+        self._interrupts = 0
+        self._buffers: dict[tuple[int, str], bytearray] = {}
+
+    # -- forking -----------------------------------------------------------------------
+
+    def fork(self, env: Mapping[str, str] | None = None, *, slot: int | None = None) -> Worker:
+        """Start a worker process and return its handle.
+
+        Args:
+            env: variables added to this worker's environment (over ``settings.env``).
+            slot: the slot the worker fills; default: the lowest slot no connected worker
+                holds. A replacement passes the slot of the worker it replaces.
+
+        Emits ``fork(worker)`` once the master is running (so handlers added after
+        ``fork()`` returns still see it).
+
+        Raises:
+            StateError: the master is stopping or stopped.
+            SettingsError: *env* is not a mapping of strings.
+        """
+        if self._stopping:
+            msg = "cannot fork: the master is stopping; fork() before stop() or in a new Master"
+            raise StateError(msg)
+        extra = check_env(env, "fork env")
+        if slot is None:
+            taken = {w.slot for w in self._workers.values() if not w.exited_after_disconnect}
+            slot = next(i for i in range(len(taken) + 1) if i not in taken)
+        worker = Worker(self._next_id, slot=slot)
+        process, sock = spawn(self.settings, self._command, worker.id, extra)
+        self._next_id += 1
+        worker.process = process
+        worker._master = self
+        worker._channel = Channel(
+            sock,
+            self.settings.max_message_size,
+            lambda frames: self._on_frames(worker, frames),
+            lambda error: self._on_channel_close(worker, error),
+        )
+        self._workers[worker.id] = worker
+        try:
+            self._pidfds[worker.id] = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            pass  # no pidfd here: SIGCHLD tells the loop instead
+        self._soon(lambda: self._attach(worker))
+        return worker
+
+    def _attach(self, worker: Worker) -> None:
+        loop = self._loop
+        assert loop is not None and worker._channel is not None
+        worker._channel.attach(loop)
+        pidfd = self._pidfds.get(worker.id)
+        if pidfd is not None:
+            loop.add_reader(pidfd, self._reap, worker)
+        if self.settings.silent:
+            self._read_output(worker)
+        worker.emit("fork")
+        self.emit("fork", worker)
+        self._reap(worker)  # it may have died before the loop ran
+
+    # -- running ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run the master until no worker is left and nothing will fork another.
+
+        Installs SIGTERM/SIGINT (graceful stop), SIGQUIT (immediate stop), SIGTTIN/
+        SIGTTOU (one worker more/less) and SIGHUP/SIGUSR1/SIGUSR2 (``signal`` events)
+        handlers when called from the main thread. Returns the exit code for the process:
+        the one given to :meth:`stop`, else 1 if the cluster ended because workers died
+        unexpectedly, else 0.
+        """
+        return asyncio.run(self.serve())
+
+    async def serve(self) -> int:
+        """Like :meth:`run`, inside a running asyncio loop."""
+        if self._done is not None:
+            msg = "this master has already run; make a new Master to run again"
+            raise StateError(msg)
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        restore = self._install_signals(loop)
+        sigchld = False
+        if len(self._pidfds) < len(self._workers) or not hasattr(os, "pidfd_open"):
+            sigchld = self._watch_sigchld(loop)
+        try:
+            self.emit("setup", self.settings)
+            deferred, self._deferred = self._deferred, []
+            for call in deferred:
+                call()
+            self._check_done()
+            return await self._done
+        finally:
+            if sigchld:
+                loop.remove_signal_handler(signal.SIGCHLD)
+            restore()
+            self._shutdown_now()
+
+    def stop(self, *, graceful: bool = True, exit_code: int | None = None) -> None:
+        """Stop the cluster: no more forks; every worker disconnects (or is signalled).
+
+        Args:
+            graceful: ``True`` (SIGTERM/SIGINT): workers are disconnected and get
+                ``kill_timeout`` seconds to finish. ``False`` (SIGQUIT): workers get SIGTERM
+                at once, then SIGKILL after ``kill_timeout``.
+            exit_code: what :meth:`run` returns (default 0).
+        """
+        if exit_code is not None:
+            self._exit_code = exit_code
+        first = not self._stopping
+        self._stopping = True
+        if first:
+            log.info("stopping %d worker(s)%s", len(self._workers), "" if graceful else " now")
+        for worker in list(self._workers.values()):
+            if graceful:
+                worker.disconnect()
+            else:
+                worker.kill("SIGTERM")
+                self._soon(lambda w=worker: self._deadline(w))
+        self._soon(self._check_done)
+
+    def disconnect(self) -> None:
+        """Disconnect every connected worker (see :meth:`Worker.disconnect`)."""
+        for worker in list(self._workers.values()):
+            if worker.is_connected():
+                worker.disconnect()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (plugins must not fork then)."""
+        return self._stopping
+
+    def hold(self) -> Callable[[], None]:
+        """Keep the master running while something (a plugin) may still fork.
+
+        Returns a function that releases the hold; call it exactly once.
+        """
+        self._holds += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._holds -= 1
+                self._soon(self._check_done)
+
+        return release
+
+    def _soon(self, call: Callable[[], None]) -> None:
+        if self._loop is None:
+            self._deferred.append(call)
+        else:
+            self._loop.call_soon(call)
+
+    def _check_done(self) -> None:
+        done = self._done
+        if done is None or done.done() or self._workers or self._holds:
+            return
+        code = self._exit_code
+        if code is None:
+            code = 1 if self._abnormal and not self._stopping else 0
+        done.set_result(code)
+
+    # -- signals ---------------------------------------------------------------------
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+        for name in _SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            previous[sig] = signal.getsignal(sig)
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                with contextlib.suppress(TypeError, ValueError):
+                    signal.signal(sig, handler)
+
+        return restore
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        name = sig.name
+        log.info("master received %s", name)
+        if name == "SIGINT":
+            self._interrupts += 1
+            self.stop(graceful=self._interrupts == 1)
+        elif name == "SIGTERM":
+            self.stop()
+        elif name == "SIGQUIT":
+            self.stop(graceful=False)
+        elif name == "SIGTTIN" and not self._stopping:
+            self.fork()
+        elif name == "SIGTTOU":
+            live = [w for w in self._workers.values() if w.is_connected()]
+            if live:
+                max(live, key=lambda w: w.id).disconnect()
+        elif not self.emit("signal", name):
+            log.warning("%s ignored: no plugin handles it", name)
+
+    def _watch_sigchld(self, loop: asyncio.AbstractEventLoop) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+
+        def reap_all() -> None:
+            for worker in list(self._workers.values()):
+                self._reap(worker)
+
+        loop.add_signal_handler(signal.SIGCHLD, reap_all)
+        return True
+
+    # -- IPC -------------------------------------------------------------------------
+
+    def _on_frames(self, worker: Worker, frames: list[tuple[int, bytes]]) -> None:
+        serialization = self.settings.serialization
+        channel = worker._channel
+        assert channel is not None
+        for kind, payload in frames:
+            if channel.closed:
+                return
+            try:
+                if kind == CONTROL:
+                    self._on_control(worker, decode_control(payload))
+                else:
+                    message = decode_message(kind, payload, serialization)
+                    worker.emit("message", message)
+                    self.emit("message", worker, message)
+            except ProtocolError as exc:
+                channel.close(exc)
+            except StateError as exc:
+                channel.close(ProtocolError(f"out-of-order control message: {exc}"))
+
+    def _on_control(self, worker: Worker, ctl: dict[str, Any]) -> None:
+        act = ctl["act"]
+        if act == "online":
+            worker.state = worker.state.to(WorkerState.ONLINE)
+            worker.emit("online")
+            self.emit("online", worker)
+        elif act == "listen":
+            self._on_listen(worker, ctl)
+        elif act == "listening":
+            address = self._listen_addresses.pop((worker.id, ctl.get("seq", -1)), None)
+            if address is None:
+                msg = f"'listening' for a listen() that never happened: {ctl!r}"
+                raise ProtocolError(msg)
+            worker.state = worker.state.to(WorkerState.LISTENING)
+            worker.emit("listening", address)
+            self.emit("listening", worker, address)
+        elif act == "disconnecting":
+            worker.exited_after_disconnect = True
+            self._deadline(worker)
+        else:
+            msg = f"unknown control act {act!r}"
+            raise ProtocolError(msg)
+
+    def _on_listen(self, worker: Worker, ctl: dict[str, Any]) -> None:
+        seq, host, port = ctl.get("seq"), ctl.get("host"), ctl.get("port")
+        path, backlog = ctl.get("path"), ctl.get("backlog")
+        if not (
+            isinstance(seq, int)
+            and (host is None or isinstance(host, str))
+            and (port is None or (isinstance(port, int) and 0 <= port <= 65535))
+            and (path is None or isinstance(path, str))
+            and (port is None) != (path is None)
+            and isinstance(backlog, int)
+            and backlog > 0
+        ):
+            msg = f"malformed listen request: {ctl!r}"
+            raise ProtocolError(msg)
+        channel = worker._channel
+        assert channel is not None
+        if self._stopping or worker.exited_after_disconnect:
+            channel.write(
+                encode_control("reply", seq=seq, ok=False, errno=0, error="the worker is disconnecting")
+            )
+            return
+        try:
+            sock, address = self._listeners.listen(
+                worker.id, worker.slot, host, port, path, backlog
+            )
+        except OSError as exc:
+            err = exc.errno or 0
+            text = exc.strerror or str(exc)
+            channel.write(encode_control("reply", seq=seq, ok=False, errno=err, error=text))
+            return
+        self._listen_addresses[worker.id, seq] = address
+        channel.write(
+            encode_control(
+                "reply", seq=seq, ok=True, host=address.host, port=address.port
+            ),
+            [sock.fileno()],
+        )
+
+    def _on_channel_close(self, worker: Worker, error: ProtocolError | None) -> None:
+        if error is not None:
+            error.worker_id = worker.id
+            log.error("worker %d (pid %s) broke the IPC protocol: %s; ending it",
+                      worker.id, worker.pid, error)
+            worker.kill("SIGKILL")
+            self._report(worker, error)
+        if worker.exited_after_disconnect is None:
+            worker.exited_after_disconnect = False
+        worker.state = worker.state.to(WorkerState.DISCONNECTED)
+        worker.emit("disconnect")
+        self.emit("disconnect", worker)
+        if not worker.is_dead():
+            self._deadline(worker)
+
+    def _report(self, worker: Worker, error: Exception) -> None:
+        handled = False
+        if worker._events.get("error"):
+            worker.emit("error", error)
+            handled = True
+        if self._events.get("error"):
+            self.emit("error", error)
+            handled = True
+        if not handled:
+            log.error("unhandled error from worker %d: %s", worker.id, error)
+
+    # -- exits -----------------------------------------------------------------------
+
+    def _deadline(self, worker: Worker) -> None:
+        """SIGKILL *worker* if it is still alive ``kill_timeout`` seconds from now."""
+        if worker.id in self._timers or worker.is_dead():
+            return
+        if self._loop is None:
+            self._deferred.append(lambda: self._deadline(worker))
+            return
+
+        def expire() -> None:
+            if not worker.is_dead():
+                log.warning("worker %d (pid %s) did not exit within %.1f s; SIGKILL",
+                            worker.id, worker.pid, self.settings.kill_timeout)
+                worker.kill("SIGKILL")
+
+        self._timers[worker.id] = self._loop.call_later(self.settings.kill_timeout, expire)
+
+    def _reap(self, worker: Worker) -> None:
+        process = worker.process
+        if process is None or worker.is_dead() or process.poll() is None:
+            return
+        loop = self._loop
+        pidfd = self._pidfds.pop(worker.id, None)
+        if pidfd is not None:
+            if loop is not None:
+                loop.remove_reader(pidfd)
+            os.close(pidfd)
+        timer = self._timers.pop(worker.id, None)
+        if timer is not None:
+            timer.cancel()
+        channel = worker._channel
+        assert channel is not None
+        channel.read()  # whatever it wrote before dying is delivered before exit
+        channel.close(None)  # a grandchild may hold its end; the worker is gone anyway
+        if self.settings.silent:
+            self._close_output(worker)
+        rc = process.returncode
+        code, sig = (rc, None) if rc >= 0 else (None, signal.Signals(-rc).name)
+        worker.exit_code, worker.signal_code = code, sig
+        worker.state = worker.state.to(WorkerState.DEAD)
+        if not worker.exited_after_disconnect and rc != 0 and not self._stopping:
+            self._abnormal = True
+        del self._workers[worker.id]
+        self._listeners.release(worker.id)
+        worker.emit("exit", code, sig)
+        self.emit("exit", worker, code, sig)
+        if not any(w.slot == worker.slot for w in self._workers.values()):
+            self._listeners.release_slot(worker.slot)
+        self._check_done()
+
+    def _shutdown_now(self) -> None:
+        """Leave nothing behind: kill and reap any worker still alive, close sockets."""
+        for worker in list(self._workers.values()):
+            process = worker.process
+            if process is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+            self._reap(worker)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._listeners.close()
+
+    # -- silent output ----------------------------------------------------------------
+
+    def _read_output(self, worker: Worker) -> None:
+        loop = self._loop
+        assert loop is not None
+        for name, stream in self._streams(worker):
+            os.set_blocking(stream.fileno(), False)
+            self._buffers[worker.id, name] = bytearray()
+            loop.add_reader(stream.fileno(), self._on_output, worker, name)
+
+    def _streams(self, worker: Worker) -> list[tuple[str, Any]]:
+        process = worker.process
+        assert process is not None
+        pairs = (("stdout", process.stdout), ("stderr", process.stderr))
+        return [(n, s) for n, s in pairs if s is not None and not s.closed]
+
+    def _on_output(self, worker: Worker, name: str, final: bool = False) -> None:
+        """Read one stream of a silent worker; emit ``output`` once per whole line."""
+        process = worker.process
+        assert process is not None and self._loop is not None
+        stream = process.stdout if name == "stdout" else process.stderr
+        assert stream is not None
+        buffer = self._buffers[worker.id, name]
+        data: bytes | None = None
+        while True:
+            try:
+                data = os.read(stream.fileno(), 65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+        *lines, rest = buffer.split(b"\n")
+        buffer[:] = rest
+        if data == b"" or final:  # EOF, or the worker is dead: the rest is a last line
+            self._loop.remove_reader(stream.fileno())
+            stream.close()
+            del self._buffers[worker.id, name]
+            if rest:
+                lines.append(bytes(rest))
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            worker.emit("output", name, text)
+            self.emit("output", worker, name, text)
+
+    def _close_output(self, worker: Worker) -> None:
+        for name, _ in self._streams(worker):
+            self._on_output(worker, name, final=True)

@@ -1,0 +1,165 @@
+"""Framing of the master↔worker IPC channel, shared by both sides.
+
+Every frame is a 5-byte header (payload length as a big-endian uint32, then a kind byte)
+followed by the payload. The kind keeps cluster control messages and user messages apart:
+a user message is always of kind ``JSON`` or ``PICKLE`` and is only ever delivered as a
+``message`` event, whatever it looks like. Control frames are JSON objects with an
+``"act"`` key. Lengths are checked before a payload is buffered, so an oversized or
+garbage frame is rejected at once instead of being read into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from typing import Any
+
+from ._errors import MessageError, ProtocolError
+
+__all__ = [
+    "CONTROL",
+    "DEFAULT_MAX_MESSAGE",
+    "FrameDecoder",
+    "decode_control",
+    "decode_message",
+    "encode_control",
+    "encode_message",
+]
+
+HEADER = struct.Struct(">IB")
+CONTROL = 0
+JSON = 1
+PICKLE = 2
+_USER_KINDS = {"json": JSON, "pickle": PICKLE}
+
+#: Largest payload accepted on a channel, in bytes, unless the settings say otherwise.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_loads = json.loads
+
+
+def encode_control(act: str, **fields: Any) -> bytes:
+    """Return the frame of one control message."""
+    fields["act"] = act
+    payload = _dumps(fields).encode()
+    return HEADER.pack(len(payload), CONTROL) + payload
+
+
+def encode_message(message: Any, serialization: str, limit: int) -> bytes:
+    """Return the frame of one user message.
+
+    Raises:
+        MessageError: *message* does not serialize, or its payload is over *limit* bytes.
+            Nothing has been written anywhere, so the channel is unaffected.
+    """
+    try:
+        if serialization == "json":
+            payload = _dumps(message).encode()
+        else:
+            payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    except (TypeError, ValueError, pickle.PicklingError, AttributeError, RecursionError) as exc:
+        msg = f"cannot send {_short(message)}: it does not serialize as {serialization}: {exc}"
+        if serialization == "json":
+            msg += " (send dicts, lists, strings, numbers, booleans and None)"
+        raise MessageError(msg) from exc
+    if len(payload) > limit:
+        msg = (
+            f"cannot send a message of {len(payload)} bytes: the limit is {limit} bytes "
+            "(raise Master(max_message_size=...) or send less)"
+        )
+        raise MessageError(msg)
+    return HEADER.pack(len(payload), _USER_KINDS[serialization]) + payload
+
+
+def decode_control(payload: bytes) -> dict[str, Any]:
+    """Parse a control payload.
+
+    Raises:
+        ProtocolError: not a JSON object with a string ``act``.
+    """
+    obj = _parse_json(payload)
+    if not isinstance(obj, dict) or not isinstance(obj.get("act"), str):
+        msg = f"control frame without an 'act': {payload[:80]!r}"
+        raise ProtocolError(msg)
+    return obj
+
+
+def decode_message(kind: int, payload: bytes, serialization: str) -> Any:
+    """Parse a user-message payload of *kind*, refusing pickle unless it was asked for.
+
+    Raises:
+        ProtocolError: the payload does not parse, or it is pickle on a JSON channel.
+    """
+    if kind == JSON:
+        return _parse_json(payload)
+    if serialization != "pickle":
+        msg = "a pickle frame arrived on a channel set to serialization='json'; refused"
+        raise ProtocolError(msg)
+    try:
+        return pickle.loads(payload)  # noqa: S301 - opt-in; the docs say it trusts the workers
+    except Exception as exc:
+        msg = f"a pickle frame does not unpickle: {exc!r}"
+        raise ProtocolError(msg) from exc
+
+
+def _parse_json(payload: bytes) -> Any:
+    try:
+        return _loads(payload)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        msg = f"a frame is not valid JSON ({type(exc).__name__}): {payload[:80]!r}"
+        raise ProtocolError(msg) from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class FrameDecoder:
+    """Splits a byte stream into ``(kind, payload)`` frames.
+
+    Args:
+        limit: the largest payload accepted; a larger length in a header is a
+            :class:`ProtocolError` before any of its payload is kept.
+    """
+
+    __slots__ = ("_buf", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    @property
+    def pending(self) -> int:
+        """How many bytes of an unfinished frame are buffered."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Add *data* and return every frame it completes, in order.
+
+        Raises:
+            ProtocolError: a header names an unknown kind or a payload over the limit.
+        """
+        buf = self._buf
+        buf += data
+        frames: list[tuple[int, bytes]] = []
+        pos = 0
+        end = len(buf)
+        unpack = HEADER.unpack_from
+        while end - pos >= 5:
+            size, kind = unpack(buf, pos)
+            if kind > PICKLE:
+                msg = f"unknown frame kind {kind} (the channel carries kinds 0-2)"
+                raise ProtocolError(msg)
+            if size > self._limit:
+                msg = f"frame of {size} bytes is over the {self._limit}-byte limit"
+                raise ProtocolError(msg)
+            if end - pos - 5 < size:
+                break
+            frames.append((kind, bytes(buf[pos + 5 : pos + 5 + size])))
+            pos += 5 + size
+        if pos:
+            del buf[:pos]
+        return frames

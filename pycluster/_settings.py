@@ -1,0 +1,199 @@
+"""The master's settings: one frozen attrs class, validated with messages that teach."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from ._errors import SettingsError
+from ._protocol import DEFAULT_MAX_MESSAGE
+
+__all__ = ["Settings"]
+
+SCHEDULING = ("shared", "reuseport")
+SERIALIZATION = ("json", "pickle")
+_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def _exec(value: str | os.PathLike[str] | None) -> str | None:
+    if value is None:
+        return None
+    path = os.fspath(value)
+    if not os.path.isfile(path):
+        msg = f"exec={path!r} is not a file; pass the path of the Python script workers run"
+        raise SettingsError(msg)
+    return os.path.abspath(path)
+
+
+def _target(value: str | Callable[..., Any] | None) -> str | None:
+    if value is None:
+        return None
+    if callable(value):
+        module = getattr(value, "__module__", None)
+        qualname = getattr(value, "__qualname__", "")
+        if not module or "<" in qualname:
+            msg = (
+                f"target={value!r} cannot be found again by a fresh interpreter; "
+                "pass a module-level function or a 'package.module:function' string"
+            )
+            raise SettingsError(msg)
+        value = f"{module}:{qualname}"
+    if not isinstance(value, str) or not _TARGET.match(value):
+        msg = f"target={value!r} is not of the form 'package.module:function'"
+        raise SettingsError(msg)
+    return value
+
+
+def _args(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not all(isinstance(a, str) for a in value):
+        msg = f"args={value!r} must be a list of strings, e.g. args=['--port', '8000']"
+        raise SettingsError(msg)
+    return tuple(value)
+
+
+def check_env(value: Mapping[str, str] | None, name: str = "env") -> dict[str, str]:
+    """Return *value* as a dict of str → str, or raise SettingsError naming the bad item."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        msg = f"{name}={value!r} must be a mapping of strings to strings"
+        raise SettingsError(msg)
+    for key, val in value.items():
+        if not isinstance(key, str) or not isinstance(val, str) or not key or "=" in key:
+            msg = f"{name} item {key!r}: {val!r} must be a non-empty str name (no '=') and a str"
+            raise SettingsError(msg)
+    return dict(value)
+
+
+def _cwd(value: str | os.PathLike[str] | None) -> str | None:
+    if value is None:
+        return None
+    path = os.fspath(value)
+    if not os.path.isdir(path):
+        msg = f"cwd={path!r} is not a directory"
+        raise SettingsError(msg)
+    return os.path.abspath(path)
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            msg = f"{name}={value!r} is not one of {', '.join(map(repr, choices))}"
+            if name == "scheduling" and value == "rr":
+                msg += (
+                    " ('rr' is not offered: 'shared' loses no queued connection when a "
+                    "worker dies, and 'reuseport' spreads connections evenly)"
+                )
+            raise SettingsError(msg)
+        return str(value)
+
+    return convert
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        value >= 0 and math.isfinite(value)
+    ):
+        msg = f"kill_timeout={value!r} must be a number of seconds >= 0"
+        raise SettingsError(msg)
+    return float(value)
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        msg = f"max_message_size={value!r} must be an int of at least 1024 bytes"
+        raise SettingsError(msg)
+    return value
+
+
+def _ident(kind: str) -> Callable[[Any], int | None]:
+    def convert(value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if isinstance(value, str) and value:
+            if kind == "uid":
+                import pwd
+
+                try:
+                    return pwd.getpwnam(value).pw_uid
+                except KeyError:
+                    pass
+            else:
+                import grp
+
+                try:
+                    return grp.getgrnam(value).gr_gid
+                except KeyError:
+                    pass
+        msg = f"{kind}={value!r} is not a known {'user' if kind == 'uid' else 'group'} name or id"
+        raise SettingsError(msg)
+
+    return convert
+
+
+@attrs.frozen
+class Settings:
+    """How a master starts its workers. Every field is checked when the master is made.
+
+    Args:
+        exec: path of the script workers run. Default: re-run the main program exactly as
+            it was started (``sys.orig_argv``), so ``python app.py`` and ``python -m pkg``
+            both work.
+        target: instead of a script, a ``"package.module:function"`` (or a module-level
+            function) each worker imports and calls.
+        args: command-line arguments for workers (default: the master's own).
+        env: variables added to every worker's environment.
+        cwd: directory workers start in (default: the master's).
+        silent: capture worker stdout/stderr in the master (``output`` events) instead of
+            letting them share the master's.
+        scheduling: ``"shared"`` (every worker accepts on one socket) or ``"reuseport"``
+            (one ``SO_REUSEPORT`` socket per worker slot, kept for its replacement).
+        serialization: ``"json"`` or ``"pickle"``; pickle lets a worker run code in the
+            master, so only use it when you trust the workers.
+        kill_timeout: seconds a disconnecting or stopping worker gets before SIGKILL.
+        uid: user (name or id) workers run as.
+        gid: group (name or id) workers run as; with either, supplementary groups are
+            dropped.
+        max_message_size: largest IPC message in bytes, in both directions.
+    """
+
+    exec: str | None = attrs.field(default=None, converter=_exec)
+    target: str | None = attrs.field(default=None, converter=_target)
+    args: tuple[str, ...] | None = attrs.field(default=None, converter=_args)
+    env: dict[str, str] = attrs.field(factory=dict, converter=check_env)
+    cwd: str | None = attrs.field(default=None, converter=_cwd)
+    silent: bool = attrs.field(default=False, converter=bool)
+    scheduling: str = attrs.field(
+        default="shared", converter=_choice("scheduling", SCHEDULING)
+    )
+    serialization: str = attrs.field(
+        default="json", converter=_choice("serialization", SERIALIZATION)
+    )
+    kill_timeout: float = attrs.field(default=30.0, converter=_seconds)
+    uid: int | None = attrs.field(default=None, converter=_ident("uid"))
+    gid: int | None = attrs.field(default=None, converter=_ident("gid"))
+    max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE, converter=_size)
+
+    def __attrs_post_init__(self) -> None:
+        if self.exec and self.target:
+            msg = f"pass exec= or target=, not both (exec={self.exec!r}, target={self.target!r})"
+            raise SettingsError(msg)
+
+    @classmethod
+    def make(cls, settings: Mapping[str, Any]) -> Settings:
+        """Build settings from keyword arguments, naming any unknown one."""
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            msg = f"unknown setting {unknown[0]!r}; the settings are: {', '.join(sorted(known))}"
+            raise SettingsError(msg)
+        return cls(**settings)

@@ -1,0 +1,160 @@
+"""The master's listening sockets, shared with (or kept per slot for) the workers."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from typing import Any
+
+import attrs
+
+__all__ = ["DEFAULT_BACKLOG", "Address", "Listeners"]
+
+#: Accept-queue length used when ``listen()`` is not given one (the kernel caps it at
+#: ``net.core.somaxconn``).
+DEFAULT_BACKLOG = 2048
+
+
+@attrs.frozen
+class Address:
+    """Where a worker listens: the payload of ``listening`` events.
+
+    ``port`` is the real port, also when port 0 was asked for. For a unix socket ``host``
+    is the socket's absolute path and ``port`` is ``None``.
+    """
+
+    host: str | None
+    port: int | None
+    family: socket.AddressFamily
+
+
+@attrs.define(eq=False)
+class _Handle:
+    sock: socket.socket
+    address: Address
+    workers: set[int] = attrs.field(factory=set)
+    slot: int | None = None
+
+
+class Listeners:
+    """Binds listening sockets on behalf of workers and hands out their fds.
+
+    With ``"shared"`` scheduling there is one socket per address, which every worker
+    accepts on; the master keeps it open until :meth:`close` so connections queue while
+    workers come and go. With ``"reuseport"`` each worker slot gets its own
+    ``SO_REUSEPORT`` socket, kept while a worker holds that slot so its replacement
+    inherits the queue.
+    """
+
+    def __init__(self, scheduling: str) -> None:
+        self._reuseport = scheduling == "reuseport"
+        self._handles: dict[tuple[Any, ...], _Handle] = {}
+        self._zero_index: dict[tuple[int, str], int] = {}
+        self._zero_ports: dict[tuple[str, int], int] = {}
+        self._unix_paths: list[str] = []
+
+    def listen(
+        self,
+        worker_id: int,
+        slot: int,
+        host: str | None,
+        port: int | None,
+        path: str | None,
+        backlog: int,
+    ) -> tuple[socket.socket, Address]:
+        """Return the socket worker *worker_id* should accept on, binding it if needed.
+
+        Raises:
+            OSError: binding failed (``EADDRINUSE``, ``EACCES``, ...), or this worker
+                already listens on that fixed address.
+        """
+        if path is not None:
+            key: tuple[Any, ...] = ("unix", path)
+        else:
+            host = host or "0.0.0.0"
+            assert port is not None
+            if port == 0:
+                index = self._zero_index.get((worker_id, host), 0)
+                self._zero_index[worker_id, host] = index + 1
+                key = (host, 0, index)
+            else:
+                key = (host, port)
+            if self._reuseport:
+                key = (*key, slot)
+        handle = self._handles.get(key)
+        if handle is None:
+            handle = self._bind(key, host, port, path, backlog, slot)
+            self._handles[key] = handle
+        elif worker_id in handle.workers:
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        handle.workers.add(worker_id)
+        return handle.sock, handle.address
+
+    def _bind(
+        self,
+        key: tuple[Any, ...],
+        host: str | None,
+        port: int | None,
+        path: str | None,
+        backlog: int,
+        slot: int,
+    ) -> _Handle:
+        if path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
+            self._unix_paths.append(path)
+            return _Handle(sock, Address(path, None, socket.AF_UNIX))
+        assert host is not None and port is not None
+        group = key[:3] if port == 0 else None
+        if self._reuseport and group is not None:
+            port = self._zero_ports.get(group, 0)  # every slot joins the first slot's port
+        family, sockaddr = _resolve(host, port)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        real_port = sock.getsockname()[1]
+        if self._reuseport and group is not None:
+            self._zero_ports.setdefault(group, real_port)
+        return _Handle(sock, Address(host, real_port, family), slot=slot)
+
+    def release(self, worker_id: int) -> None:
+        """Forget *worker_id*'s use of every socket (it exited)."""
+        for handle in self._handles.values():
+            handle.workers.discard(worker_id)
+
+    def release_slot(self, slot: int) -> None:
+        """Close the ``reuseport`` sockets of a slot no worker holds any more."""
+        for key, handle in list(self._handles.items()):
+            if handle.slot == slot and self._reuseport and not handle.workers:
+                del self._handles[key]
+                handle.sock.close()
+
+    def close(self) -> None:
+        """Close every socket and remove the unix socket files the master made."""
+        for handle in self._handles.values():
+            handle.sock.close()
+        self._handles.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+
+def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
