@@ -279,6 +279,15 @@ class ThisWorker(Worker):
         return None
 
     def _read_loop(self) -> None:
+        try:
+            self._read_frames()
+        except SystemExit as exc:  # sys.exit() in a handler on this thread ends the process
+            code = exc.code
+            _exit(code if isinstance(code, int) else (0 if code is None else 1))
+        finally:
+            self._master_lost()
+
+    def _read_frames(self) -> None:
         sock = self._sock
         decoder = FrameDecoder(self._limit)
         fds: collections.deque[int] = collections.deque()
@@ -317,7 +326,6 @@ class ThisWorker(Worker):
                         self._dispatch("message", decode_message(kind, payload, self._serialization))
                 except ProtocolError as exc:
                     self._dispatch("error", exc)
-        self._master_lost()
 
     def _on_control(self, ctl: dict[str, Any], fds: collections.deque[int]) -> None:
         act = ctl["act"]

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyee.base import EventEmitter
 
-__all__ = ["Emitter", "log"]
+if TYPE_CHECKING:
+    import logging
 
-log = logging.getLogger("pycluster")
+__all__ = ["Emitter", "logger"]
+
+
+def logger() -> logging.Logger:
+    """The ``pycluster`` logger (imported on first use: a worker may never need it)."""
+    import logging
+
+    return logging.getLogger("pycluster")
 
 
 class Emitter(EventEmitter):
@@ -38,8 +45,8 @@ class Emitter(EventEmitter):
             finally:
                 self.__dict__["_reporting"] = False
         else:
-            log.error("event handler %r failed", f, exc_info=exc)
+            logger().error("event handler %r failed", f, exc_info=exc)
 
     def _emit_handle_potential_error(self, event: str, error: Any) -> None:
         if event == "error":
-            log.error("%s: unhandled error event: %s", self, error, exc_info=error)
+            logger().error("%s: unhandled error event: %s", self, error, exc_info=error)

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._channel import Channel
-from ._emitter import Emitter, log
+from ._emitter import Emitter, logger
 from ._errors import ProtocolError, StateError
 from ._protocol import CONTROL, decode_control, decode_message, encode_control
 from ._settings import Settings, check_env
@@ -23,6 +23,8 @@ from ._state import WorkerState
 from ._worker import Worker
 
 __all__ = ["Master"]
+
+log = logger()
 
 _SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2")
 

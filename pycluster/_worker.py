@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal as _signal
-import subprocess
 from typing import TYPE_CHECKING, Any
 
 from ._emitter import Emitter
@@ -12,6 +11,8 @@ from ._protocol import encode_control, encode_message
 from ._state import WorkerState
 
 if TYPE_CHECKING:
+    import subprocess
+
     from ._channel import Channel
     from ._master import Master
 
