@@ -22,6 +22,7 @@ from ._errors import (
     SettingsError,
     StateError,
 )
+from ._plugins import Plugin, PluginError
 from ._state import WorkerState
 from ._worker import Worker
 
@@ -35,6 +36,8 @@ __all__ = [
     "ChannelClosedError",
     "Master",
     "MessageError",
+    "Plugin",
+    "PluginError",
     "ProtocolError",
     "PyclusterError",
     "Settings",
@@ -79,7 +82,8 @@ def __getattr__(name: str) -> Any:
 
 
 def _public_module() -> None:
-    for name in ("ChannelClosedError", "MessageError", "ProtocolError", "PyclusterError",
+    for name in ("ChannelClosedError", "MessageError", "Plugin", "PluginError",
+                 "ProtocolError", "PyclusterError",
                  "SettingsError", "SharedSocket", "StateError", "ThisWorker", "Worker",
                  "WorkerState"):
         globals()[name].__module__ = __name__

@@ -36,6 +36,8 @@ __all__ = ["SharedSocket", "ThisWorker", "setup"]
 
 #: Seconds ``listen()`` waits for the master's answer.
 LISTEN_TIMEOUT = 30.0
+#: Messages kept for a worker that has not added a ``message`` listener yet.
+EARLY_LIMIT = 10_000
 _READ_SIZE = 256 * 1024
 _PR_SET_PDEATHSIG = 1
 
@@ -82,6 +84,12 @@ class ThisWorker(Worker):
         self._seq = 0
         self._waiting: dict[int, list[Any]] = {}
         self._loop: Any = None
+        # Messages that arrive before the first ``message`` listener are kept (up to
+        # EARLY_LIMIT) and delivered once it is added, as Node delivers them after the
+        # worker's startup code: a master may send as soon as it forks.
+        self._early: list[Any] | None = []
+        self._early_lock = threading.Lock()
+        self._flushing = False
         self._reader = threading.Thread(target=self._read_loop, name="pycluster-ipc", daemon=True)
 
     def __repr__(self) -> str:
@@ -211,6 +219,20 @@ class ThisWorker(Worker):
             raise ChannelClosedError(msg)
         return slot[1], slot[2]
 
+    def ready(self) -> None:
+        """Tell the master this worker is ready to serve (a ``ready`` event there).
+
+        For apps that need to warm up after ``listen()``: a rolling reload can wait for
+        this instead of ``listening``.
+
+        Raises:
+            ChannelClosedError: this worker is disconnecting, or the master is gone.
+        """
+        if not self.is_connected():
+            msg = f"cannot report ready: worker {self.id} is {self.state.value}"
+            raise ChannelClosedError(msg)
+        self._write(encode_control("ready"))
+
     # -- stopping --------------------------------------------------------------------
 
     def disconnect(self) -> ThisWorker:
@@ -257,6 +279,47 @@ class ThisWorker(Worker):
         self._dispatch("disconnect")
 
     # -- reading ---------------------------------------------------------------------
+
+    def _add_event_handler(self, event: str, k: Any, v: Any) -> None:
+        super()._add_event_handler(event, k, v)
+        if event != "message":
+            return
+        with self._early_lock:
+            early = self._early
+            if early is None or self._flushing:
+                return
+            if not early:
+                self._early = None
+                return
+            self._flushing = True
+        # Not on the caller's thread: its handler may use names defined after on().
+        threading.Thread(target=self._flush_early, name="pycluster-ipc-early", daemon=True).start()
+
+    def _flush_early(self) -> None:
+        """Deliver the kept messages in order, then let the reader deliver directly."""
+        try:
+            while True:
+                with self._early_lock:
+                    batch = self._early
+                    if not batch:
+                        self._early = None
+                        return
+                    self._early = []
+                for message in batch:
+                    self._dispatch("message", message)
+        except SystemExit as exc:  # sys.exit() in a handler ends the process, as on the reader
+            code = exc.code
+            _exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+    def _deliver(self, message: Any) -> None:
+        """Dispatch *message*, or keep it while no ``message`` listener was ever added."""
+        with self._early_lock:
+            early = self._early
+            if early is not None:
+                if len(early) < EARLY_LIMIT:
+                    early.append(message)
+                return
+        self._dispatch("message", message)
 
     def _dispatch(self, event: str, *args: Any) -> threading.Event | None:
         loop = self._loop
@@ -323,7 +386,7 @@ class ThisWorker(Worker):
                     if kind == CONTROL:
                         self._on_control(decode_control(payload), fds)
                     else:
-                        self._dispatch("message", decode_message(kind, payload, self._serialization))
+                        self._deliver(decode_message(kind, payload, self._serialization))
                 except ProtocolError as exc:
                     self._dispatch("error", exc)
 

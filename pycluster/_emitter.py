@@ -47,6 +47,13 @@ class Emitter(EventEmitter):
         else:
             logger().error("event handler %r failed", f, exc_info=exc)
 
+    def remove_listener(self, event: str, f: Callable[..., Any]) -> None:
+        """Remove listener *f* of *event*; no error if it is not there (as in pyee 15+)."""
+        try:
+            super().remove_listener(event, f)
+        except KeyError:
+            pass
+
     def _emit_handle_potential_error(self, event: str, error: Any) -> None:
         if event == "error":
             logger().error("%s: unhandled error event: %s", self, error, exc_info=error)

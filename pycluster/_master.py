@@ -8,13 +8,15 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from ._channel import Channel
 from ._emitter import Emitter, logger
-from ._errors import ProtocolError, StateError
+from ._errors import ProtocolError, SettingsError, StateError
+from ._plugins import blame, load_plugin, plugin_name
 from ._protocol import CONTROL, decode_control, decode_message, encode_control
 from ._settings import Settings, check_env
 from ._sockets import Listeners
@@ -39,10 +41,11 @@ class Master(Emitter):
 
     Events (on a worker's handle first, then here with the worker first):
     ``fork(worker)``, ``online(worker)``, ``listening(worker, address)``,
+    ``ready(worker)`` (the worker called ``pycluster.worker.ready()``),
     ``message(worker, message)``, ``disconnect(worker)``, ``exit(worker, code, signal)``,
     ``output(worker, stream, line)`` (``silent=True``), ``setup(settings)`` once when the
-    master starts running, ``signal(name)`` for SIGHUP, SIGUSR1 and SIGUSR2, and
-    ``error(exc)``. Order per worker: ``fork → online → listening* → disconnect → exit``.
+    master starts running, ``reload()`` (see :meth:`reload`), ``signal(name)`` for
+    SIGUSR1, SIGUSR2 and an unhandled SIGHUP, and ``error(exc)``. Order per worker: ``fork → online → listening* → disconnect → exit``.
 
     Raises:
         SettingsError: a setting is unknown or has a bad value.
@@ -67,6 +70,8 @@ class Master(Emitter):
         self._abnormal = False
         self._done: asyncio.Future[int] | None = None
         self._interrupts = 0
+        self._plugins: dict[Any, list[tuple[str, Callable[..., Any]]]] = {}
+        self._installing: tuple[str, list[tuple[str, Callable[..., Any]]]] | None = None
         self._buffers: dict[tuple[int, str], bytearray] = {}
 
     # -- forking -----------------------------------------------------------------------
@@ -97,6 +102,8 @@ class Master(Emitter):
         process, sock = spawn(self.settings, self._command, worker.id, extra)
         self._next_id += 1
         worker.process = process
+        worker.env = extra
+        worker.started_at = time.monotonic()
         worker._master = self
         worker._channel = Channel(
             sock,
@@ -192,6 +199,117 @@ class Master(Emitter):
             if worker.is_connected():
                 worker.disconnect()
 
+    def reload(self) -> None:
+        """Ask the installed reload plugin for a rolling reload (what SIGHUP does).
+
+        Emits ``reload()``.
+
+        Raises:
+            StateError: no plugin handles ``reload`` (install one: ``master.use("reload")``).
+        """
+        if not self._events.get("reload"):
+            msg = "nothing handles reload(); install the reload plugin: master.use('reload')"
+            raise StateError(msg)
+        self.emit("reload")
+
+    # -- plugins ---------------------------------------------------------------------
+
+    def use(self, plugin: Any, /, **options: Any) -> Master:
+        """Install *plugin*: an object with ``install(master)``, a ``function(master)``, or
+        the name of a plugin registered in the ``pycluster.plugins`` entry-point group
+        (built-ins: ``"respawn"``, ``"reload"``, ``"logging"``), made with *options*.
+
+        Listeners the plugin adds to this master while installing belong to it: an
+        exception they raise becomes an ``error`` event carrying a
+        :class:`pycluster.PluginError` that names the plugin, and :meth:`unuse` removes
+        them. Returns the master, so calls chain.
+
+        Raises:
+            SettingsError: an unknown plugin name (the message lists the installed ones),
+                options given with a plugin object, or an object that is not a plugin.
+            StateError: this plugin object is installed already.
+        """
+        if isinstance(plugin, str):
+            plugin = load_plugin(plugin, options)
+        elif options:
+            msg = f"options {options!r} go with a plugin name, not with the object {plugin!r}"
+            raise SettingsError(msg)
+        install = getattr(plugin, "install", None)
+        if install is None and callable(plugin) and not isinstance(plugin, type):
+            install = plugin
+        if install is None:
+            msg = f"{plugin!r} is not a plugin: give an object with install(master) or a function"
+            raise SettingsError(msg)
+        if plugin in self._plugins:
+            msg = f"plugin {plugin_name(plugin)!r} is already installed on this master"
+            raise StateError(msg)
+        record: list[tuple[str, Callable[..., Any]]] = []
+        self._installing = (plugin_name(plugin), record)
+        try:
+            install(self)
+        except BaseException:
+            self._remove_listeners(record)
+            raise
+        finally:
+            self._installing = None
+        self._plugins[plugin] = record
+        return self
+
+    def unuse(self, plugin: Any) -> None:
+        """Remove *plugin*: its listeners go, then its ``uninstall(master)`` runs if it has one.
+
+        Raises:
+            StateError: *plugin* is not installed.
+        """
+        record = self._plugins.pop(plugin, None)
+        if record is None:
+            msg = f"plugin {plugin_name(plugin)!r} is not installed on this master"
+            raise StateError(msg)
+        self._remove_listeners(record)
+        uninstall = getattr(plugin, "uninstall", None)
+        if uninstall is not None:
+            uninstall(self)
+
+    @property
+    def plugins(self) -> tuple[Any, ...]:
+        """The installed plugins, in installation order."""
+        return tuple(self._plugins)
+
+    def _remove_listeners(self, record: list[tuple[str, Callable[..., Any]]]) -> None:
+        for event, handler in record:
+            self.remove_listener(event, handler)
+
+    def _add_event_handler(self, event: str, k: Callable[..., Any], v: Callable[..., Any]) -> None:
+        if self._installing is not None:
+            name, record = self._installing
+            v = blame(name, event, v)
+            record.append((event, k))
+        super()._add_event_handler(event, k, v)
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        """Call ``callback(*args)`` in *delay* seconds, keeping the master running until then.
+
+        For plugins that will fork later (a respawn after a backoff). What *callback*
+        raises becomes an ``error`` event. Cancel the returned timer to let the master end.
+
+        Raises:
+            StateError: the master is not running.
+        """
+        if self._loop is None or self._done is None or self._done.done():
+            msg = "call_later() needs a running master (call it from an event handler)"
+            raise StateError(msg)
+        timer = Timer(self.hold())
+
+        def fire() -> None:
+            timer.release()
+            try:
+                callback(*args)
+            except Exception as exc:
+                self._handler_failed(callback, exc)
+
+        timer.handle = self._loop.call_later(delay, fire)
+        return timer
+
     @property
     def stopping(self) -> bool:
         """Whether :meth:`stop` was called (plugins must not fork then)."""
@@ -266,6 +384,8 @@ class Master(Emitter):
             live = [w for w in self._workers.values() if w.is_connected()]
             if live:
                 max(live, key=lambda w: w.id).disconnect()
+        elif name == "SIGHUP" and self._events.get("reload"):
+            self.reload()
         elif not self.emit("signal", name):
             log.warning("%s ignored: no plugin handles it", name)
 
@@ -317,6 +437,9 @@ class Master(Emitter):
             worker.state = worker.state.to(WorkerState.LISTENING)
             worker.emit("listening", address)
             self.emit("listening", worker, address)
+        elif act == "ready":
+            worker.emit("ready")
+            self.emit("ready", worker)
         elif act == "disconnecting":
             worker.exited_after_disconnect = True
             self._deadline(worker)
@@ -441,6 +564,7 @@ class Master(Emitter):
 
     def _shutdown_now(self) -> None:
         """Leave nothing behind: kill and reap any worker still alive, close sockets."""
+        self._stopping = True
         for worker in list(self._workers.values()):
             process = worker.process
             if process is None:
@@ -505,3 +629,17 @@ class Master(Emitter):
     def _close_output(self, worker: Worker) -> None:
         for name, _ in self._streams(worker):
             self._on_output(worker, name, final=True)
+
+
+class Timer:
+    """A pending :meth:`Master.call_later` call; :meth:`cancel` it to drop it."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self.release = release
+        self.handle: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        """Drop the call (if it has not run) and stop holding the master."""
+        if self.handle is not None:
+            self.handle.cancel()
+        self.release()

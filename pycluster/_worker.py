@@ -39,7 +39,7 @@ class Worker(Emitter):
     """One worker process, as the master sees it.
 
     Events, each emitted on the worker before the master's event of the same name:
-    ``online()``, ``listening(address)``, ``message(message)``, ``disconnect()``,
+    ``online()``, ``listening(address)``, ``ready()``, ``message(message)``, ``disconnect()``,
     ``exit(code, signal)``, ``error(exc)``, and with ``silent=True``
     ``output(stream, line)``.
 
@@ -52,6 +52,8 @@ class Worker(Emitter):
             on itself, ``False`` if it crashed, exited by itself or the master killed it.
         slot: the position this worker fills (0 … n-1); a replacement takes the slot of
             the worker it replaces.
+        env: the variables given to ``fork(env=...)`` for it (a replacement reuses them).
+        started_at: ``time.monotonic()`` when it was forked.
         exit_code, signal_code: as in the ``exit`` event, once it is dead.
     """
 
@@ -64,6 +66,8 @@ class Worker(Emitter):
         self.exited_after_disconnect: bool | None = None
         self.exit_code: int | None = None
         self.signal_code: str | None = None
+        self.env: dict[str, str] = {}
+        self.started_at: float | None = None
         self._master: Master | None = None
         self._channel: Channel | None = None
 

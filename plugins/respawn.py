@@ -1,0 +1,158 @@
+"""``respawn``: replace workers that die unexpectedly, with backoff and a crash-loop guard."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+from typing import Any
+
+from pycluster import Master, SettingsError, Worker
+
+__all__ = ["BOOT_FAILURE", "Respawn"]
+
+log = logging.getLogger("pycluster.respawn")
+
+#: Exit code of a worker that failed to start (gunicorn's and uvicorn's convention).
+BOOT_FAILURE = 3
+
+
+class Respawn:
+    """Fork a replacement, in the same slot and with the same env, for a worker that died
+    unexpectedly: it crashed, was killed by a signal, or exited with a code other than
+    those in *stop_exit_codes*. A worker that exited after ``disconnect()`` (a stop, a
+    reload, a scale-down) is never replaced, nor is any worker while the master stops.
+
+    Backoff: the first replacement after a stable run is immediate; each further death of
+    a worker that lived less than *stable_after* seconds (a boot failure always counts:
+    it died before its first ``listening``) doubles the delay from *min_delay* up to
+    *max_delay*, with ±*jitter* randomness. Crash-loop guard: more than *max_restarts*
+    replacements within *window* seconds, or a worker exiting with ``BOOT_FAILURE`` (3)
+    before it was ever ready, makes the plugin give up: it logs why, emits
+    ``respawn_give_up(worker, reason)`` on the master, and stops the master with exit
+    code 1.
+
+    Args:
+        min_delay: delay before the second quick replacement in a row, in seconds.
+        max_delay: largest delay between replacements.
+        jitter: fraction of the delay added or removed at random (spreads restarts).
+        stable_after: a worker alive this long resets the backoff.
+        max_restarts: replacements allowed within *window* seconds.
+        window: seconds over which *max_restarts* is counted.
+        stop_exit_codes: exit codes that mean "do not replace" (default: 0).
+    """
+
+    name = "respawn"
+
+    def __init__(
+        self,
+        *,
+        min_delay: float = 0.1,
+        max_delay: float = 15.0,
+        jitter: float = 0.1,
+        stable_after: float = 30.0,
+        max_restarts: int = 10,
+        window: float = 60.0,
+        stop_exit_codes: tuple[int, ...] | list[int] = (0,),
+    ) -> None:
+        for key, value in (("min_delay", min_delay), ("max_delay", max_delay),
+                           ("stable_after", stable_after), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                msg = f"respawn {key}={value!r} must be a number of seconds >= 0"
+                raise SettingsError(msg)
+        if not 0 <= jitter < 1:
+            msg = f"respawn jitter={jitter!r} must be in [0, 1)"
+            raise SettingsError(msg)
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            msg = f"respawn max_restarts={max_restarts!r} must be an int >= 0"
+            raise SettingsError(msg)
+        self.min_delay = float(min_delay)
+        self.max_delay = float(max_delay)
+        self.jitter = float(jitter)
+        self.stable_after = float(stable_after)
+        self.max_restarts = max_restarts
+        self.window = float(window)
+        self.stop_exit_codes = frozenset(stop_exit_codes)
+        #: Replacements forked so far.
+        self.restarts = 0
+        self._recent: collections.deque[float] = collections.deque()
+        self._unstable: dict[int, int] = {}  # slot -> deaths in a row without a stable run
+        self._ready: set[int] = set()  # ids of workers that reached their first listening
+        self._pending: dict[int, Any] = {}  # slot -> Timer
+        self._gave_up = False
+        self._master: Master | None = None
+
+    def install(self, master: Master) -> None:
+        """Watch *master*'s exits."""
+        self._master = master
+        master.on("listening", self._on_listening)
+        master.on("exit", self._on_exit)
+
+    def uninstall(self, master: Master) -> None:
+        """Cancel replacements that are waiting out their backoff."""
+        for timer in self._pending.values():
+            timer.cancel()
+        self._pending.clear()
+
+    def _on_listening(self, worker: Worker, address: Any) -> None:
+        self._ready.add(worker.id)
+
+    def _on_exit(self, worker: Worker, code: int | None, signal: str | None) -> None:
+        master = self._master
+        assert master is not None
+        was_ready = worker.id in self._ready
+        self._ready.discard(worker.id)
+        if master.stopping or self._gave_up or worker.exited_after_disconnect:
+            return
+        if signal is None and code in self.stop_exit_codes:
+            return
+        if self._slot_taken(worker.slot):
+            return  # e.g. a failed reload replacement: its slot still has a worker
+        uptime = time.monotonic() - (worker.started_at or time.monotonic())
+        why = f"signal {signal}" if signal else f"exit code {code}"
+        if code == BOOT_FAILURE and not was_ready:
+            self._give_up(worker, f"worker {worker.id} failed to boot ({why})")
+            return
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] > self.window:
+            self._recent.popleft()
+        if len(self._recent) >= self.max_restarts:
+            self._give_up(
+                worker,
+                f"{len(self._recent) + 1} unexpected exits within {self.window:g} s "
+                f"(max_restarts={self.max_restarts}); the last: worker {worker.id}, {why}",
+            )
+            return
+        self._recent.append(now)
+        if was_ready and uptime >= self.stable_after:
+            self._unstable[worker.slot] = 0
+        misses = self._unstable.get(worker.slot, 0)
+        self._unstable[worker.slot] = misses + 1
+        delay = 0.0 if misses == 0 else min(self.max_delay, self.min_delay * 2 ** (misses - 1))
+        delay *= 1 + random.uniform(-self.jitter, self.jitter)
+        log.info("respawning slot %d (worker %d died: %s) in %.2f s",
+                 worker.slot, worker.id, why, delay)
+        self._pending[worker.slot] = master.call_later(delay, self._replace, worker)
+
+    def _slot_taken(self, slot: int) -> bool:
+        master = self._master
+        assert master is not None
+        return any(w.slot == slot and not w.exited_after_disconnect for w in master.workers.values())
+
+    def _replace(self, worker: Worker) -> None:
+        master = self._master
+        assert master is not None
+        self._pending.pop(worker.slot, None)
+        if master.stopping or self._gave_up or self._slot_taken(worker.slot):
+            return
+        self.restarts += 1
+        master.fork(env=worker.env, slot=worker.slot)
+
+    def _give_up(self, worker: Worker, reason: str) -> None:
+        master = self._master
+        assert master is not None
+        self._gave_up = True
+        log.error("respawn gives up: %s; stopping the cluster", reason)
+        master.emit("respawn_give_up", worker, reason)
+        master.stop(exit_code=1)

@@ -1,0 +1,88 @@
+"""Plugins: objects a master installs, whose listeners it tracks, blames and removes."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from ._errors import PyclusterError, SettingsError
+
+__all__ = ["ENTRY_POINT_GROUP", "Plugin", "PluginError", "load_plugin", "plugin_name"]
+
+#: The entry-point group through which plugins are found by name.
+ENTRY_POINT_GROUP = "pycluster.plugins"
+
+
+@runtime_checkable
+class Plugin(Protocol):
+    """What :meth:`Master.use` accepts (a plain ``function(master)`` works too).
+
+    ``install(master)`` subscribes to the master's events with ``master.on(...)``; every
+    listener added during ``install`` belongs to the plugin: an exception it raises becomes
+    a :class:`PluginError` ``error`` event naming the plugin, and :meth:`Master.unuse`
+    removes it. An optional ``uninstall(master)`` releases anything else (timers, tasks).
+    An optional ``name`` attribute names the plugin in errors and logs.
+    """
+
+    def install(self, master: Any) -> None:
+        """Subscribe to *master*'s events."""
+
+
+class PluginError(PyclusterError):
+    """A plugin's event handler raised; ``__cause__`` is what it raised."""
+
+    def __init__(self, plugin: str, event: str, error: BaseException) -> None:
+        super().__init__(f"plugin {plugin!r} failed in its {event!r} handler: {error!r}")
+        self.plugin = plugin
+        self.event = event
+
+
+def plugin_name(plugin: Any) -> str:
+    """The name a plugin goes by in errors and logs."""
+    name = getattr(plugin, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(plugin, "__qualname__", None) or type(plugin).__qualname__
+
+
+def blame(name: str, event: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap *handler* so that what it raises is reported as plugin *name*'s failure."""
+
+    @functools.wraps(handler)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(name, event, exc) from exc
+
+    return run
+
+
+def available() -> dict[str, Any]:
+    """The plugins installed in this environment, by entry-point name."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(name: str, options: dict[str, Any]) -> Any:
+    """Make the plugin registered as *name*, passing it *options*.
+
+    Raises:
+        SettingsError: no plugin has that name (the message lists those that exist), or
+            it does not accept *options*.
+    """
+    found = available()
+    entry = found.get(name)
+    if entry is None:
+        msg = f"no plugin named {name!r}; installed plugins: {', '.join(sorted(found)) or 'none'}"
+        raise SettingsError(msg)
+    factory = entry.load()
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        msg = f"plugin {name!r} does not accept the options {options!r}: {exc}"
+        raise SettingsError(msg) from exc
