@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import collections
+import json
 import os
 import select
 import signal
@@ -74,6 +75,9 @@ class ThisWorker(Worker):
         master_pid: int,
     ) -> None:
         super().__init__(id)
+        #: The master's ``bind`` addresses, each as ``listen()`` arguments:
+        #: ``(port, host)`` or ``(path,)``. ``listen(*address)`` listens on one.
+        self.bind: list[tuple[Any, ...]] = []
         self._master_pid = master_pid
         self.state = WorkerState.ONLINE
         self._sock = sock
@@ -137,15 +141,20 @@ class ThisWorker(Worker):
     # -- listening -------------------------------------------------------------------
 
     def listen(
-        self, port: int | str | os.PathLike[str], host: str = "0.0.0.0", *, backlog: int = 2048
+        self,
+        port: int | str | os.PathLike[str] | None = None,
+        host: str = "0.0.0.0",
+        *,
+        backlog: int = 2048,
     ) -> SharedSocket:
         """Return a listening socket for *host*:*port*, shared through the master.
 
         The master binds the address once and every worker that asks for it gets the same
         socket (``scheduling="shared"``) or its slot's own ``SO_REUSEPORT`` socket
         (``"reuseport"``). Port 0 gives every worker the same real port. A ``str`` or path
-        *port* is a unix socket path (relative to this worker's cwd). Fires
-        ``listening(worker, address)`` in the master.
+        *port* is a unix socket path (relative to this worker's cwd). With no *port*, the
+        first address of the master's ``bind`` setting (the CLI's ``--bind``) is used; see
+        :attr:`bind` for all of them. Fires ``listening(worker, address)`` in the master.
 
         Raises:
             SettingsError: bad *port*, *host* or *backlog*.
@@ -154,8 +163,19 @@ class ThisWorker(Worker):
             StateError: this worker is disconnecting, or ``listen()`` was called on the
                 ``pycluster-ipc`` thread (from a handler: it would wait on itself).
         """
+        if port is None:
+            if not self.bind:
+                msg = "listen() needs a port: none was given and the master has no bind setting"
+                raise SettingsError(msg)
+            port, host = (*self.bind[0], host)[:2]  # type: ignore[assignment]
         request: dict[str, Any] = {"backlog": backlog}
         if isinstance(port, (str, os.PathLike)):
+            if isinstance(port, str) and (not port.strip() or port.strip().isdigit()):
+                msg = (
+                    f"port={port!r} is not a unix socket path: pass an int for a TCP port, "
+                    "or a path such as './app.sock' (a pathlib.Path for any name)"
+                )
+                raise SettingsError(msg)
             path = os.path.abspath(os.fspath(port))
             request["path"] = path
             where = path
@@ -455,6 +475,10 @@ def setup() -> ThisWorker | None:
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
     worker = ThisWorker(worker_id, sock, serialization, limit, master_pid)
+    try:
+        worker.bind = [tuple(a) for a in json.loads(mine.get("PYCLUSTER_BIND", "[]"))]
+    except (ValueError, TypeError):
+        worker.bind = []
     worker._write(encode_control("online"))
     worker._reader.start()
     return worker

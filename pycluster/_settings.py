@@ -72,6 +72,40 @@ def check_env(value: Mapping[str, str] | None, name: str = "env") -> dict[str, s
     return dict(value)
 
 
+def parse_address(text: str) -> tuple[int | str, ...]:
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT``/``PORT`` (all interfaces) or
+    ``unix:PATH`` into the arguments of ``pycluster.worker.listen()``: ``(port, host)`` or
+    ``(path,)``.
+
+    Raises:
+        SettingsError: *text* is none of those.
+    """
+    if not isinstance(text, str):
+        msg = f"bind address {text!r} must be a string like '127.0.0.1:8000' or 'unix:/run/app.sock'"
+        raise SettingsError(msg)
+    if text.startswith("unix:") and len(text) > 5:
+        return (os.path.abspath(text[5:]),)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or ":" in host and not sep:
+        msg = (
+            f"bind address {text!r} is not HOST:PORT (port 0-65535), :PORT or unix:PATH, "
+            "e.g. '127.0.0.1:8000'"
+        )
+        raise SettingsError(msg)
+    return (int(port), host or "0.0.0.0")
+
+
+def _bind(value: Any) -> tuple[tuple[int | str, ...], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    return tuple(parse_address(v) for v in value)
+
+
 def _cwd(value: str | os.PathLike[str] | None) -> str | None:
     if value is None:
         return None
@@ -95,6 +129,13 @@ def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
         return str(value)
 
     return convert
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        msg = f"silent={value!r} must be True or False"
+        raise SettingsError(msg)
+    return value
 
 
 def _seconds(value: Any) -> float:
@@ -164,6 +205,8 @@ class Settings:
         gid: group (name or id) workers run as; with either, supplementary groups are
             dropped.
         max_message_size: largest IPC message in bytes, in both directions.
+        bind: addresses workers listen on when they call ``pycluster.worker.listen()``
+            with no port: ``"HOST:PORT"``, ``":PORT"`` or ``"unix:PATH"`` (one or a list).
     """
 
     exec: str | None = attrs.field(default=None, converter=_exec)
@@ -171,7 +214,7 @@ class Settings:
     args: tuple[str, ...] | None = attrs.field(default=None, converter=_args)
     env: dict[str, str] = attrs.field(factory=dict, converter=check_env)
     cwd: str | None = attrs.field(default=None, converter=_cwd)
-    silent: bool = attrs.field(default=False, converter=bool)
+    silent: bool = attrs.field(default=False, converter=_flag)
     scheduling: str = attrs.field(
         default="shared", converter=_choice("scheduling", SCHEDULING)
     )
@@ -182,6 +225,7 @@ class Settings:
     uid: int | None = attrs.field(default=None, converter=_ident("uid"))
     gid: int | None = attrs.field(default=None, converter=_ident("gid"))
     max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE, converter=_size)
+    bind: tuple[tuple[int | str, ...], ...] = attrs.field(default=(), converter=_bind)
 
     def __attrs_post_init__(self) -> None:
         if self.exec and self.target:

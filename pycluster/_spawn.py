@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -76,6 +77,7 @@ def spawn(
             "PYCLUSTER_MASTER_PID": str(os.getpid()),
             "PYCLUSTER_SERIALIZATION": settings.serialization,
             "PYCLUSTER_MAX_MESSAGE": str(settings.max_message_size),
+            "PYCLUSTER_BIND": json.dumps(settings.bind),
         }
     )
     out: int | IO[bytes] | None = subprocess.PIPE if settings.silent else None

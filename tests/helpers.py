@@ -92,7 +92,7 @@ class Proc:
     """A process started by a test, its stdout read line by line on a thread."""
 
     def __init__(self, argv: list[str], cwd: str | Path, env: dict[str, str] | None = None,
-                 **kwargs: Any) -> None:
+                 read_stderr: bool = False, **kwargs: Any) -> None:
         full_env = {**os.environ, **(env or {})}
         self.popen = subprocess.Popen(
             [sys.executable, *argv], cwd=cwd, env=full_env, text=True,
@@ -100,31 +100,51 @@ class Proc:
         )
         self.pid = self.popen.pid
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.err_lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
+        self.seen_err: list[str] = []
         self.stderr = ""
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._read_stderr = read_stderr
+        self._pumps = [threading.Thread(target=self._pump, args=(self.popen.stdout, self.lines),
+                                        daemon=True)]
+        if read_stderr:
+            self._pumps.append(threading.Thread(
+                target=self._pump, args=(self.popen.stderr, self.err_lines), daemon=True))
+        for pump in self._pumps:
+            pump.start()
 
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
+    @staticmethod
+    def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
 
     def expect(self, predicate: Callable[[str], bool], what: str,
                timeout: float = DEADLINE) -> str:
         """Return the next stdout line satisfying *predicate*; fail naming *what*."""
+        return self._expect(self.lines, self.seen, predicate, what, timeout)
+
+    def expect_err(self, predicate: Callable[[str], bool], what: str,
+                   timeout: float = DEADLINE) -> str:
+        """Return the next stderr line satisfying *predicate* (needs ``read_stderr=True``)."""
+        assert self._read_stderr, "start the Proc with read_stderr=True"
+        return self._expect(self.err_lines, self.seen_err, predicate, what, timeout)
+
+    def _expect(self, lines: queue.Queue[str | None], seen: list[str],
+                predicate: Callable[[str], bool], what: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            assert remaining > 0, f"timed out waiting for {what}; saw {self.seen[-20:]!r}"
+            assert remaining > 0, f"timed out waiting for {what}; saw {seen[-20:]!r}"
             try:
-                line = self.lines.get(timeout=remaining)
+                line = lines.get(timeout=remaining)
             except queue.Empty:
                 continue
-            assert line is not None, (
-                f"output ended before {what}; saw {self.seen[-20:]!r}; stderr: {self.finish()!r}"
-            )
-            self.seen.append(line)
+            if line is None:
+                lines.put(None)
+                raise AssertionError(f"output ended before {what}; saw {seen[-20:]!r}; "
+                                     f"stderr: {self.finish()!r}")
+            seen.append(line)
             if predicate(line):
                 return line
 
@@ -145,15 +165,19 @@ class Proc:
             raise AssertionError(f"process {self.pid} did not exit within {timeout} s") from None
 
     def finish(self) -> str:
-        """Kill (if needed) and reap the process; return its stderr."""
+        """Kill (if needed) and reap the process, close its pipes; return its stderr."""
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait()
-        if self.popen.stderr is not None and not self.popen.stderr.closed:
+        if not self._read_stderr and self.popen.stderr is not None and not self.popen.stderr.closed:
             self.stderr = self.popen.stderr.read()
-            self.popen.stderr.close()
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
+        for pump in self._pumps:  # they end when every writer (workers too) has closed
+            pump.join(DEADLINE)
+        if self._read_stderr:
+            self.stderr = "\n".join(self.seen_err)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
         return self.stderr
 
     def __enter__(self) -> Proc:

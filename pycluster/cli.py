@@ -1,0 +1,180 @@
+"""The ``pycluster`` command: run an app in a cluster without writing a master.
+
+    pycluster run app.py --workers 4 --bind 127.0.0.1:8000
+    pycluster run mypkg.server:main --plugin mypkg-metrics -- --app-flag
+
+Respawn, rolling reload on SIGHUP and logging are on by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from ._errors import PyclusterError
+
+__all__ = ["default_workers", "main"]
+
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would print and sys.exit(2) itself
+        raise _UsageError(message)
+
+
+def default_workers(environ: dict[str, str] | None = None) -> int:
+    """How many workers to run: ``WEB_CONCURRENCY``, else the CPUs this process may use.
+
+    The CPUs are the affinity mask, capped by the cgroup v2 ``cpu.max`` quota (a container
+    limited to 2 CPUs on a 48-CPU host gets 2, not 48).
+    """
+    env = os.environ if environ is None else environ
+    value = env.get("WEB_CONCURRENCY")
+    if value:
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if count < 1:
+            msg = f"WEB_CONCURRENCY={value!r} must be a whole number >= 1"
+            raise _UsageError(msg)
+        return count
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_cpus(path: str = "/sys/fs/cgroup") -> int | None:
+    """CPUs allowed by this process's cgroup v2 ``cpu.max``, or ``None`` if unlimited."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            line = next((x for x in f if x.startswith("0::")), None)
+        where = os.path.join(path, line[3:].strip().lstrip("/")) if line else path
+        with open(os.path.join(where, "cpu.max")) as f:
+            quota, period = f.read().split()
+    except (OSError, ValueError, StopIteration):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pycluster",
+        description="Run a Python app in a cluster of worker processes that share ports.",
+    )
+    parser.add_argument("--version", action="version", version=f"pycluster {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = commands.add_parser(
+        "run",
+        help="run APP in N workers",
+        description=(
+            "Run APP in N worker processes. APP is a script path (each worker runs it) or "
+            "'module:function' (each worker calls it). Workers call "
+            "pycluster.worker.listen() with no arguments to listen on the --bind address. "
+            "Respawn, rolling reload on SIGHUP and logging are on. Arguments after '--' go "
+            "to the workers (sys.argv[1:])."
+        ),
+    )
+    run.add_argument("app", metavar="APP", help="script.py or module:function")
+    run.add_argument("-w", "--workers", type=int, metavar="N",
+                     help="worker processes (default: $WEB_CONCURRENCY, else the usable CPUs)")
+    run.add_argument("-b", "--bind", action="append", metavar="ADDRESS", default=[],
+                     help="HOST:PORT or unix:PATH workers listen on (repeatable; "
+                          "default 127.0.0.1:8000)")
+    run.add_argument("--no-respawn", action="store_true",
+                     help="do not replace workers that die unexpectedly")
+    run.add_argument("--kill-timeout", type=float, default=30.0, metavar="S",
+                     help="seconds a stopping worker gets before SIGKILL (default 30)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="log lines as text or JSON lines (default text)")
+    run.add_argument("--capture-output", action="store_true",
+                     help="capture worker stdout/stderr and print it line by line, "
+                          "prefixed with the worker id")
+    run.add_argument("--scheduling", choices=("shared", "reuseport"), default="shared",
+                     help="how workers share a port (default shared)")
+    run.add_argument("--plugin", action="append", metavar="NAME", default=[],
+                     help="also use the plugin registered as NAME (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line *argv* (default ``sys.argv[1:]``); return the exit code.
+
+    Exit codes: what the cluster returns (0 after a clean stop), 1 for a runtime error,
+    2 for a usage error (with the reason on stderr, no traceback).
+    """
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    worker_args: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, worker_args = argv[:at], argv[at + 1 :]
+    try:
+        options = parser.parse_args(argv)
+        options.args = worker_args
+        if options.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return _run(options)
+    except _UsageError as exc:
+        print(f"pycluster: error: {exc}", file=sys.stderr)
+        print("Try 'pycluster run --help'.", file=sys.stderr)
+        return 2
+    except PyclusterError as exc:
+        print(f"pycluster: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+def _run(options: argparse.Namespace) -> int:
+    from ._master import Master
+
+    settings: dict[str, Any] = {
+        "kill_timeout": options.kill_timeout,
+        "scheduling": options.scheduling,
+        "silent": options.capture_output,
+        "bind": options.bind or ["127.0.0.1:8000"],
+    }
+    settings["args"] = options.args
+    app = options.app
+    if os.path.isfile(app) or app.endswith(".py"):
+        settings["exec"] = app
+    elif _TARGET.match(app):
+        settings["target"] = app
+    else:
+        msg = f"APP {app!r} is neither a script path nor 'module:function'"
+        raise _UsageError(msg)
+    workers = options.workers if options.workers is not None else default_workers()
+    if workers < 1:
+        msg = f"--workers {workers} must be at least 1"
+        raise _UsageError(msg)
+    if options.kill_timeout < 0 or not math.isfinite(options.kill_timeout):
+        msg = f"--kill-timeout {options.kill_timeout} must be a number of seconds >= 0"
+        raise _UsageError(msg)
+    master = Master(**settings)
+    master.use("logging", format=options.log_format)
+    if not options.no_respawn:
+        master.use("respawn")
+    master.use("reload")
+    for name in options.plugin:
+        master.use(name)
+    for _ in range(workers):
+        master.fork()
+    return master.run()
