@@ -106,6 +106,9 @@ class Reload:
                 return False
             fresh = [master.fork(env=w.env, slot=w.slot) for w in batch]
             results = await asyncio.gather(*(self._until_ready(w) for w in fresh))
+            if master.stopping:  # a stop disconnects everyone, replacements included
+                log.info("reload interrupted: the master is stopping")
+                return False
             failures = [why for why in results if why]
             if failures:
                 for worker in fresh:

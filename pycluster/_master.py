@@ -420,6 +420,8 @@ class Master(Emitter):
                 channel.close(exc)
             except StateError as exc:
                 channel.close(ProtocolError(f"out-of-order control message: {exc}"))
+            except (TypeError, ValueError, OverflowError) as exc:  # a field of the wrong shape
+                channel.close(ProtocolError(f"bad control message: {exc!r}"))
 
     def _on_control(self, worker: Worker, ctl: dict[str, Any]) -> None:
         act = ctl["act"]
@@ -454,10 +456,10 @@ class Master(Emitter):
             isinstance(seq, int)
             and (host is None or isinstance(host, str))
             and (port is None or (isinstance(port, int) and 0 <= port <= 65535))
-            and (path is None or isinstance(path, str))
+            and (path is None or (isinstance(path, str) and path.startswith("/") and "\0" not in path))
             and (port is None) != (path is None)
             and isinstance(backlog, int)
-            and backlog > 0
+            and 0 < backlog < 2**31
         ):
             msg = f"malformed listen request: {ctl!r}"
             raise ProtocolError(msg)

@@ -36,7 +36,7 @@ _USER_KINDS = {"json": JSON, "pickle": PICKLE}
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-_loads = json.loads
+_scan = json.JSONDecoder().scan_once
 
 
 def encode_control(act: str, **fields: Any) -> bytes:
@@ -108,11 +108,20 @@ def decode_message(kind: int, payload: bytes, serialization: str) -> Any:
 
 
 def _parse_json(payload: bytes) -> Any:
+    # The scanner alone: json.loads would also sniff the encoding of bytes and match
+    # whitespace around the value twice, which our own encoder never writes.
     try:
-        return _loads(payload)
+        text = payload.decode()
+        value, end = _scan(text, 0)
+        if end == len(text):
+            return value
+        problem = "extra data after the value"
+    except StopIteration:
+        problem = "not a JSON value"
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        msg = f"a frame is not valid JSON ({type(exc).__name__}): {payload[:80]!r}"
-        raise ProtocolError(msg) from None
+        problem = type(exc).__name__
+    msg = f"a frame is not valid JSON ({problem}): {payload[:80]!r}"
+    raise ProtocolError(msg) from None
 
 
 def _short(value: Any) -> str:

@@ -15,6 +15,8 @@ __all__ = ["DEFAULT_BACKLOG", "Address", "Listeners"]
 #: Accept-queue length used when ``listen()`` is not given one (the kernel caps it at
 #: ``net.core.somaxconn``).
 DEFAULT_BACKLOG = 2048
+#: Longest unix socket name ``bind()`` takes (``sun_path`` is 108 bytes with its NUL).
+_SUN_PATH_MAX = 107
 
 
 @attrs.frozen
@@ -102,9 +104,10 @@ class Listeners:
         slot: int,
     ) -> _Handle:
         if path is not None:
+            name = _unix_name(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.bind(path)
+                sock.bind(name)
                 sock.listen(backlog)
             except BaseException:
                 sock.close()
@@ -149,9 +152,25 @@ class Listeners:
             handle.sock.close()
         self._handles.clear()
         for path in self._unix_paths:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 os.unlink(path)
         self._unix_paths.clear()
+
+
+def _unix_name(path: str) -> str:
+    """Return the name to bind *path* by: itself, or (as Node does) its shorter form
+    relative to this process's cwd when the absolute one does not fit in ``sun_path``.
+
+    Raises:
+        OSError: ``ENAMETOOLONG``, when neither form fits.
+    """
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        return path
+    relative = os.path.relpath(path)
+    if len(os.fsencode(relative)) <= _SUN_PATH_MAX:
+        return relative
+    msg = f"unix socket path too long ({len(os.fsencode(path))} bytes; at most {_SUN_PATH_MAX})"
+    raise OSError(errno.ENAMETOOLONG, msg)
 
 
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, Any]:

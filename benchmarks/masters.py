@@ -1,0 +1,86 @@
+"""Tiny masters for ``startcost.py``, kept minimal so that their own RSS means something.
+
+``python masters.py pycluster N [SCRIPT ARGS...]``: a ``pycluster.Master`` forks N workers
+running SCRIPT (default: this file's ``block`` mode, a worker that just blocks). With env
+``BENCH_IMPORTTIME=1`` the workers run with ``PYTHONPROFILEIMPORTTIME=1`` (their stderr is
+this process's stderr; the master itself is not profiled).
+
+``python masters.py plain N``: the same without pycluster: ``subprocess.Popen`` N plain
+children that block, then an asyncio loop (what a hand-made master would import and run).
+
+Both print ``ready <VmRSS kB of this master>`` once all N workers are up, then run until
+killed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def own_rss_kib() -> int:
+    """This process's VmRSS in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
+
+
+def pycluster_master(n: int, command: list[str]) -> None:
+    """Fork *n* workers running *command*; print ``ready RSS`` when all are online."""
+    import pycluster
+
+    env = {"PYTHONPROFILEIMPORTTIME": "1"} if os.environ.get("BENCH_IMPORTTIME") else {}
+    master = pycluster.Master(exec=command[0], args=command[1:], env=env)
+    online = 0
+
+    def on_online(worker: pycluster.Worker) -> None:
+        nonlocal online
+        online += 1
+        if online == n:
+            print(f"ready {own_rss_kib()}", flush=True)
+
+    master.on("online", on_online)
+    for _ in range(n):
+        master.fork()
+    master.run()
+
+
+def plain_master(n: int) -> None:
+    """Start *n* plain blocking children; print ``ready RSS`` when all said they are up."""
+    import asyncio
+    import subprocess
+
+    child = [sys.executable, "-c", "import threading; print(flush=True); threading.Event().wait()"]
+    procs = [subprocess.Popen(child, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+             for _ in range(n)]
+    for proc in procs:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+
+    async def run() -> None:
+        await asyncio.sleep(0)
+        print(f"ready {own_rss_kib()}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def block() -> None:
+    """A pycluster worker that just blocks."""
+    import threading
+
+    import pycluster  # noqa: F401 - connects to the master
+
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "block":
+        block()
+    elif mode == "plain":
+        plain_master(int(sys.argv[2]))
+    else:
+        pycluster_master(int(sys.argv[2]), sys.argv[3:] or [os.path.abspath(__file__), "block"])
