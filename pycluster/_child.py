@@ -337,6 +337,9 @@ class ThisWorker(Worker):
 
     def _deliver(self, message: Any) -> None:
         """Dispatch *message*, or keep it while no ``message`` listener was ever added."""
+        if self._early is None:  # the usual case, once a listener exists: no lock needed
+            self._dispatch("message", message)
+            return
         with self._early_lock:
             early = self._early
             if early is not None:

@@ -35,7 +35,29 @@ _USER_KINDS = {"json": JSON, "pickle": PICKLE}
 #: Largest payload accepted on a channel, in bytes, unless the settings say otherwise.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _unserializable(value: Any) -> Any:
+    msg = f"Object of type {type(value).__name__} is not JSON serializable"
+    raise TypeError(msg)
+
+
+def _make_dumps() -> Any:
+    # JSONEncoder.encode builds a new C encoder on every call; build it once. Without a
+    # markers dict a circular value ends in RecursionError, which encode_message reports.
+    from json import encoder
+
+    make = getattr(encoder, "c_make_encoder", None)
+    if make is None:
+        return json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    c_encode = make(
+        None, _unserializable, encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+    join = "".join
+    return lambda value: join(c_encode(value, 0))
+
+
+_dumps = _make_dumps()
 _scan = json.JSONDecoder().scan_once
 
 
