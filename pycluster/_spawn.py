@@ -87,8 +87,16 @@ def spawn(
     else:
         kwargs["start_new_session"] = True
     if settings.uid is not None or settings.gid is not None:
+        gid = settings.gid
+        if gid is None:  # not root's group 0: the user's own primary group
+            import pwd
+
+            try:
+                gid = pwd.getpwuid(settings.uid).pw_gid  # type: ignore[arg-type]
+            except KeyError:
+                gid = settings.uid
         kwargs["user"] = settings.uid
-        kwargs["group"] = settings.gid
+        kwargs["group"] = gid
         kwargs["extra_groups"] = []
     try:
         process = subprocess.Popen(
