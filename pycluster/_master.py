@@ -44,7 +44,8 @@ class Master(Emitter):
     ``ready(worker)`` (the worker called ``pycluster.worker.ready()``),
     ``message(worker, message)``, ``disconnect(worker)``, ``exit(worker, code, signal)``,
     ``output(worker, stream, line)`` (``silent=True``), ``setup(settings)`` once when the
-    master starts running, ``reload()`` (see :meth:`reload`), ``signal(name)`` for
+    master starts running, ``stop()`` when :meth:`stop` is first called, ``reload()``
+    (see :meth:`reload`), ``signal(name)`` for
     SIGUSR1, SIGUSR2 and an unhandled SIGHUP, and ``error(exc)``. Order per worker: ``fork → online → listening* → disconnect → exit``.
 
     Raises:
@@ -173,6 +174,8 @@ class Master(Emitter):
     def stop(self, *, graceful: bool = True, exit_code: int | None = None) -> None:
         """Stop the cluster: no more forks; every worker disconnects (or is signalled).
 
+        Emits ``stop()`` the first time (plugins drop what they planned to fork).
+
         Args:
             graceful: ``True`` (SIGTERM/SIGINT): workers are disconnected and get
                 ``kill_timeout`` seconds to finish. ``False`` (SIGQUIT): workers get SIGTERM
@@ -185,6 +188,7 @@ class Master(Emitter):
         self._stopping = True
         if first:
             log.info("stopping %d worker(s)%s", len(self._workers), "" if graceful else " now")
+            self.emit("stop")
         for worker in list(self._workers.values()):
             if graceful:
                 worker.disconnect()
@@ -381,9 +385,12 @@ class Master(Emitter):
         elif name == "SIGTTIN" and not self._stopping:
             self.fork()
         elif name == "SIGTTOU":
-            live = [w for w in self._workers.values() if w.is_connected()]
-            if live:
+            live = [w for w in self._workers.values()
+                    if w.is_connected() and not w.exited_after_disconnect]
+            if len(live) > 1:
                 max(live, key=lambda w: w.id).disconnect()
+            else:
+                log.warning("SIGTTOU ignored: the last worker stays (stop the master instead)")
         elif name == "SIGHUP" and self._events.get("reload"):
             self.reload()
         elif not self.emit("signal", name):

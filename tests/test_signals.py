@@ -248,6 +248,23 @@ def test_sigttin_adds_a_worker_and_sigttou_removes_one(tmp_path):
     clean(stderr)
 
 
+def test_sigttou_keeps_the_last_worker(tmp_path):
+    """SIGTTOU never removes the last worker (the cluster would end): it logs a warning and
+    the worker keeps serving; a SIGTTIN sent after it still adds a worker."""
+    with start(tmp_path, ["serve"]) as proc:
+        ready(proc, 1)
+        os.kill(proc.pid, signal.SIGTTOU)
+        os.kill(proc.pid, signal.SIGTTIN)  # the loop handles the two in the order sent
+        assert event(proc, "the forked worker", ev="fork")["id"] == 2
+        assert ready(proc, 1).keys() == {2}
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait() == 0
+        lines = to_the_end(proc)
+        stderr = proc.finish()
+    assert exits(lines) == {1: [(0, None, True)], 2: [(0, None, True)]}
+    assert "SIGTTOU ignored" in stderr
+
+
 @pytest.mark.parametrize("listener", [False, True])
 def test_sighup_without_a_plugin_is_logged_and_the_cluster_keeps_running(tmp_path, listener):
     """SIGHUP with no plugin handling it: the master logs a warning and keeps running
