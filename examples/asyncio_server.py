@@ -14,6 +14,7 @@ import os
 import pycluster
 
 PORT = int(os.environ.get("PORT", 8000))
+HOST = os.environ.get("HOST", "0.0.0.0")
 BODY = f"hello from worker {pycluster.worker.id if pycluster.worker else 0}\n".encode()
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(BODY)
 KEEP, CLOSE = HEAD + b"\r\n" + BODY, HEAD + b"Connection: close\r\n\r\n" + BODY
@@ -48,7 +49,7 @@ async def serve(grace=5.0):
     worker.attach_loop()  # run pycluster's event handlers on this loop
     disconnected = asyncio.Event()
     worker.on("disconnect", disconnected.set)
-    server = await asyncio.get_running_loop().create_server(Hello, sock=worker.listen(PORT))
+    server = await asyncio.get_running_loop().create_server(Hello, sock=worker.listen(PORT, HOST))
     await disconnected.wait()
     server.close()  # stop accepting; queued connections go to the other workers
     Hello.draining = True
