@@ -79,13 +79,19 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = DEADLIN
 
 
 def http_get(port: int, host: str = "127.0.0.1", path: str = "/", timeout: float = 10) -> bytes:
-    """One HTTP/1.0 GET; returns the whole response."""
+    """One HTTP/1.0 GET; returns the whole response (read to its Content-Length, or EOF)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-        chunks = []
+        data = b""
         while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+            data += chunk
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length" and len(rest) >= int(value):
+                        return data
+    return data
 
 
 class Proc:
