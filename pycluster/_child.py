@@ -168,7 +168,7 @@ class ThisWorker(Worker):
             if not self.bind:
                 msg = "listen() needs a port: none was given and the master has no bind setting"
                 raise SettingsError(msg)
-            port, host = (*self.bind[0], host)[:2]  # type: ignore[assignment]
+            port, host = (*self.bind[0], host)[:2]
         request: dict[str, Any] = {"backlog": backlog}
         if isinstance(port, (str, os.PathLike)):
             if isinstance(port, str) and (not port.strip() or port.strip().isdigit()):

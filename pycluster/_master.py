@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -28,6 +29,8 @@ __all__ = ["Master"]
 
 log = logger()
 
+#: Longest line of a silent worker's output kept whole; longer ones come in pieces.
+_LONGEST_LINE = 1024 * 1024
 _SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2")
 
 
@@ -194,7 +197,7 @@ class Master(Emitter):
                 worker.disconnect()
             else:
                 worker.kill("SIGTERM")
-                self._soon(lambda w=worker: self._deadline(w))
+                self._soon(functools.partial(self._deadline, worker))
         self._soon(self._check_done)
 
     def disconnect(self) -> None:
@@ -622,7 +625,11 @@ class Master(Emitter):
             if not data:
                 break
             buffer += data
-        *lines, rest = buffer.split(b"\n")
+        *complete, rest = buffer.split(b"\n")
+        lines: list[bytes | bytearray] = list(complete)
+        while len(rest) > _LONGEST_LINE:  # a line that never ends is cut, not hoarded
+            lines.append(rest[:_LONGEST_LINE])
+            rest = rest[_LONGEST_LINE:]
         buffer[:] = rest
         if data == b"" or final:  # EOF, or the worker is dead: the rest is a last line
             self._loop.remove_reader(stream.fileno())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import MessageError, ProtocolError
@@ -42,14 +43,15 @@ def _unserializable(value: Any) -> Any:
     raise TypeError(msg)
 
 
-def _make_dumps() -> Any:
+def _make_dumps() -> Callable[[Any], str]:
     # JSONEncoder.encode builds a new C encoder on every call; build it once. Without a
     # markers dict a circular value ends in RecursionError, which encode_message reports.
     from json import encoder
 
     make = getattr(encoder, "c_make_encoder", None)
     if make is None:
-        return json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+        encode: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+        return encode
     c_encode = make(
         None, _unserializable, encoder.encode_basestring_ascii, None, ":", ",", False, False, False
     )
@@ -58,13 +60,13 @@ def _make_dumps() -> Any:
 
 
 _dumps = _make_dumps()
-_scan = json.JSONDecoder().scan_once
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def encode_control(act: str, **fields: Any) -> bytes:
     """Return the frame of one control message."""
     fields["act"] = act
-    payload = _dumps(fields).encode()
+    payload: bytes = _dumps(fields).encode()
     return HEADER.pack(len(payload), CONTROL) + payload
 
 
@@ -75,6 +77,7 @@ def encode_message(message: Any, serialization: str, limit: int) -> bytes:
         MessageError: *message* does not serialize, or its payload is over *limit* bytes.
             Nothing has been written anywhere, so the channel is unaffected.
     """
+    payload: bytes
     try:
         if serialization == "json":
             payload = _dumps(message).encode()

@@ -181,6 +181,22 @@ def _ident(kind: str) -> Callable[[Any], int | None]:
     return convert
 
 
+def _scheduling(value: Any) -> str:
+    return _choice("scheduling", SCHEDULING)(value)
+
+
+def _serialization(value: Any) -> str:
+    return _choice("serialization", SERIALIZATION)(value)
+
+
+def _uid(value: Any) -> int | None:
+    return _ident("uid")(value)
+
+
+def _gid(value: Any) -> int | None:
+    return _ident("gid")(value)
+
+
 @attrs.frozen
 class Settings:
     """How a master starts its workers. Every field is checked when the master is made.
@@ -215,15 +231,11 @@ class Settings:
     env: dict[str, str] = attrs.field(factory=dict, converter=check_env)
     cwd: str | None = attrs.field(default=None, converter=_cwd)
     silent: bool = attrs.field(default=False, converter=_flag)
-    scheduling: str = attrs.field(
-        default="shared", converter=_choice("scheduling", SCHEDULING)
-    )
-    serialization: str = attrs.field(
-        default="json", converter=_choice("serialization", SERIALIZATION)
-    )
+    scheduling: str = attrs.field(default="shared", converter=_scheduling)
+    serialization: str = attrs.field(default="json", converter=_serialization)
     kill_timeout: float = attrs.field(default=30.0, converter=_seconds)
-    uid: int | None = attrs.field(default=None, converter=_ident("uid"))
-    gid: int | None = attrs.field(default=None, converter=_ident("gid"))
+    uid: int | None = attrs.field(default=None, converter=_uid)
+    gid: int | None = attrs.field(default=None, converter=_gid)
     max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE, converter=_size)
     bind: tuple[tuple[int | str, ...], ...] = attrs.field(default=(), converter=_bind)
 
