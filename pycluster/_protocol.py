@@ -150,7 +150,10 @@ def _parse_json(payload: bytes) -> Any:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # e.g. an int over sys.get_int_max_str_digits(), or a broken __repr__
+        text = object.__repr__(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -179,24 +182,35 @@ class FrameDecoder:
         Raises:
             ProtocolError: a header names an unknown kind or a payload over the limit.
         """
-        buf = self._buf
-        buf += data
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data  # the usual case: slice the bytes we got, no copy into a buffer
         frames: list[tuple[int, bytes]] = []
+        append = frames.append
         pos = 0
         end = len(buf)
         unpack = HEADER.unpack_from
+        limit = self._limit
         while end - pos >= 5:
             size, kind = unpack(buf, pos)
             if kind > PICKLE:
                 msg = f"unknown frame kind {kind} (the channel carries kinds 0-2)"
                 raise ProtocolError(msg)
-            if size > self._limit:
-                msg = f"frame of {size} bytes is over the {self._limit}-byte limit"
+            if size > limit:
+                msg = f"frame of {size} bytes is over the {limit}-byte limit"
                 raise ProtocolError(msg)
-            if end - pos - 5 < size:
+            start = pos + 5
+            pos = start + size
+            if pos > end:
+                pos = start - 5
                 break
-            frames.append((kind, bytes(buf[pos + 5 : pos + 5 + size])))
-            pos += 5 + size
-        if pos:
-            del buf[:pos]
+            append((kind, bytes(buf[start:pos])))
+        if buf is data:
+            if pos < end:
+                self._buf += data[pos:]
+        elif pos:
+            del self._buf[:pos]
         return frames
