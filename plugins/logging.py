@@ -96,7 +96,8 @@ class Logging:
         master.on("error", self._on_error)
         master.on("output", self._on_output)
         master.on("respawn_give_up", lambda w, reason: self._log(
-            logging.ERROR, w, "respawn_give_up", "worker %d (pid %s): respawn gave up: %s", reason))
+            logging.ERROR, w, "respawn_give_up", "worker %d (pid %s): respawn gave up: %s", reason,
+            reason=reason))
         master.on("reloading", lambda: self.logger.info("rolling reload started",
                                                          extra={"event": "reloading"}))
         master.on("reloaded", lambda: self.logger.info("rolling reload finished",
@@ -111,9 +112,11 @@ class Logging:
             self.logger.propagate = True
             self._handler = None
 
-    def _log(self, level: int, worker: Worker, event: str, text: str, *args: Any) -> None:
+    def _log(self, level: int, worker: Worker, event: str, text: str, *args: Any,
+             reason: str | None = None) -> None:
         self.logger.log(level, text, worker.id, worker.pid, *args,
-                        extra={"worker_id": worker.id, "pid": worker.pid, "event": event})
+                        extra={"worker_id": worker.id, "pid": worker.pid, "event": event,
+                               "reason": reason})
 
     def _on_listening(self, worker: Worker, address: Any) -> None:
         where = address.host if address.port is None else f"{address.host}:{address.port}"

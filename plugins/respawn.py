@@ -88,9 +88,13 @@ class Respawn:
         self._master = master
         master.on("listening", self._on_listening)
         master.on("exit", self._on_exit)
+        master.on("stop", self._cancel_pending)  # a stopping master forks nothing more
 
     def uninstall(self, master: Master) -> None:
         """Cancel replacements that are waiting out their backoff."""
+        self._cancel_pending()
+
+    def _cancel_pending(self) -> None:
         for timer in self._pending.values():
             timer.cancel()
         self._pending.clear()
@@ -103,7 +107,10 @@ class Respawn:
         assert master is not None
         was_ready = worker.id in self._ready
         self._ready.discard(worker.id)
-        if master.stopping or self._gave_up or worker.exited_after_disconnect:
+        if master.stopping:
+            self._cancel_pending()  # a stopping master forks nothing: let it end now
+            return
+        if self._gave_up or worker.exited_after_disconnect:
             return
         if signal is None and code in self.stop_exit_codes:
             return
@@ -153,6 +160,7 @@ class Respawn:
         master = self._master
         assert master is not None
         self._gave_up = True
+        self._cancel_pending()
         log.error("respawn gives up: %s; stopping the cluster", reason)
         master.emit("respawn_give_up", worker, reason)
         master.stop(exit_code=1)
