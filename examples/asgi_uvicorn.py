@@ -32,7 +32,7 @@ async def app(scope, receive, send):
     if scope["type"] == "http":
         await hello(scope, receive, send)
     elif scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":  # that is, startup
             pycluster.worker.attach_loop()  # pycluster's handlers run on uvicorn's loop
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})

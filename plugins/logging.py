@@ -87,7 +87,8 @@ class Logging:
             logger.propagate = False
             self._handler = handler
         master.on("fork", lambda w: self._log(logging.INFO, w, "fork", "worker %d forked (pid %s)"))
-        master.on("online", lambda w: self._log(logging.INFO, w, "online", "worker %d online (pid %s)"))
+        master.on("online", lambda w: self._log(
+            logging.INFO, w, "online", "worker %d online (pid %s)"))
         master.on("listening", self._on_listening)
         master.on("disconnect", lambda w: self._log(
             logging.INFO if w.exited_after_disconnect else logging.WARNING, w, "disconnect",
@@ -103,7 +104,8 @@ class Logging:
         master.on("reloaded", lambda: self.logger.info("rolling reload finished",
                                                         extra={"event": "reloaded"}))
         master.on("reload_failed", lambda reason: self.logger.error(
-            "rolling reload failed: %s", reason, extra={"event": "reload_failed", "reason": reason}))
+            "rolling reload failed: %s", reason,
+            extra={"event": "reload_failed", "reason": reason}))
 
     def uninstall(self, master: Master) -> None:
         """Remove the handler this plugin added, if any."""

@@ -95,7 +95,8 @@ class Reload:
 
     async def _round(self, master: Master) -> bool:
         old = sorted(
-            (w for w in master.workers.values() if w.is_connected() and not w.exited_after_disconnect),
+            (w for w in master.workers.values()
+             if w.is_connected() and not w.exited_after_disconnect),
             key=lambda w: (w.slot, w.id),
         )
         log.info("reload: replacing %d worker(s), %d at a time", len(old), self.surge)
@@ -137,7 +138,8 @@ class Reload:
         def died(code: int | None, signal: str | None) -> None:
             if not outcome.done():
                 how = f"signal {signal}" if signal else f"exit code {code}"
-                outcome.set_result(f"replacement worker {worker.id} died before it was ready ({how})")
+                why = f"replacement worker {worker.id} died before it was ready ({how})"
+                outcome.set_result(why)
 
         worker.on(self.wait_for, ready)
         worker.on("exit", died)

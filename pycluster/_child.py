@@ -187,8 +187,8 @@ class ThisWorker(Worker):
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 msg = f"port={port!r} must be an int from 0 to 65535, or a unix socket path"
                 raise SettingsError(msg)
-            if not isinstance(host, str) or not host:
-                msg = f"host={host!r} must be a non-empty string such as '127.0.0.1'"
+            if not isinstance(host, str) or not host or "\0" in host:
+                msg = f"host={host!r} must be a non-empty string such as '127.0.0.1' (no NUL)"
                 raise SettingsError(msg)
             request.update(host=host, port=port)
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -223,7 +223,9 @@ class ThisWorker(Worker):
                 self.state = WorkerState.LISTENING
         return sock
 
-    def _request(self, act: str, fields: dict[str, Any], where: str) -> tuple[dict[str, Any], list[int]]:
+    def _request(
+        self, act: str, fields: dict[str, Any], where: str
+    ) -> tuple[dict[str, Any], list[int]]:
         event = threading.Event()
         with self._state_lock:
             self._seq += 1

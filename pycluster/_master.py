@@ -49,7 +49,8 @@ class Master(Emitter):
     ``output(worker, stream, line)`` (``silent=True``), ``setup(settings)`` once when the
     master starts running, ``stop()`` when :meth:`stop` is first called, ``reload()``
     (see :meth:`reload`), ``signal(name)`` for
-    SIGUSR1, SIGUSR2 and an unhandled SIGHUP, and ``error(exc)``. Order per worker: ``fork → online → listening* → disconnect → exit``.
+    SIGUSR1, SIGUSR2 and an unhandled SIGHUP, and ``error(exc)``.
+    Order per worker: ``fork → online → listening* → disconnect → exit``.
 
     Raises:
         SettingsError: a setting is unknown or has a bad value.
@@ -466,7 +467,8 @@ class Master(Emitter):
             isinstance(seq, int)
             and (host is None or isinstance(host, str))
             and (port is None or (isinstance(port, int) and 0 <= port <= 65535))
-            and (path is None or (isinstance(path, str) and path.startswith("/") and "\0" not in path))
+            and (path is None
+                 or (isinstance(path, str) and path.startswith("/") and "\0" not in path))
             and (port is None) != (path is None)
             and isinstance(backlog, int)
             and 0 < backlog < 2**31
@@ -477,7 +479,9 @@ class Master(Emitter):
         assert channel is not None
         if self._stopping or worker.exited_after_disconnect:
             channel.write(
-                encode_control("reply", seq=seq, ok=False, errno=0, error="the worker is disconnecting")
+                encode_control(
+                    "reply", seq=seq, ok=False, errno=0, error="the worker is disconnecting"
+                )
             )
             return
         try:

@@ -50,7 +50,8 @@ def _make_dumps() -> Callable[[Any], str]:
 
     make = getattr(encoder, "c_make_encoder", None)
     if make is None:
-        encode: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+        plain = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+        encode: Callable[[Any], str] = plain.encode
         return encode
     c_encode = make(
         None, _unserializable, encoder.encode_basestring_ascii, None, ":", ",", False, False, False

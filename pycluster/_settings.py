@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -20,10 +20,20 @@ SERIALIZATION = ("json", "pickle")
 _TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
+def _path(name: str, value: Any) -> str:
+    """Return ``os.fspath(value)``, or raise SettingsError naming *name* and *value*."""
+    try:
+        path: str = os.fspath(value)
+    except TypeError:
+        msg = f"{name}={value!r} must be a path (a str or os.PathLike)"
+        raise SettingsError(msg) from None
+    return path
+
+
 def _exec(value: str | os.PathLike[str] | None) -> str | None:
     if value is None:
         return None
-    path = os.fspath(value)
+    path = _path("exec", value)
     if not os.path.isfile(path):
         msg = f"exec={path!r} is not a file; pass the path of the Python script workers run"
         raise SettingsError(msg)
@@ -46,16 +56,25 @@ def _target(value: str | Callable[..., Any] | None) -> str | None:
     if not isinstance(value, str) or not _TARGET.match(value):
         msg = f"target={value!r} is not of the form 'package.module:function'"
         raise SettingsError(msg)
+    if value.partition(":")[0] == "__main__":
+        msg = (
+            f"target={value!r} is in the main script, which a worker cannot import by that "
+            "name; move the function into a module, or pass exec= the script instead"
+        )
+        raise SettingsError(msg)
     return value
 
 
 def _args(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not all(isinstance(a, str) for a in value):
+    items = None
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        items = tuple(value)  # once: a generator is read only once
+    if items is None or not all(isinstance(a, str) for a in items):
         msg = f"args={value!r} must be a list of strings, e.g. args=['--port', '8000']"
         raise SettingsError(msg)
-    return tuple(value)
+    return items
 
 
 def check_env(value: Mapping[str, str] | None, name: str = "env") -> dict[str, str]:
@@ -81,7 +100,10 @@ def parse_address(text: str) -> tuple[int | str, ...]:
         SettingsError: *text* is none of those.
     """
     if not isinstance(text, str):
-        msg = f"bind address {text!r} must be a string like '127.0.0.1:8000' or 'unix:/run/app.sock'"
+        msg = (
+            f"bind address {text!r} must be a string like '127.0.0.1:8000' "
+            "or 'unix:/run/app.sock'"
+        )
         raise SettingsError(msg)
     if text.startswith("unix:") and len(text) > 5:
         return (os.path.abspath(text[5:]),)
@@ -103,13 +125,16 @@ def _bind(value: Any) -> tuple[tuple[int | str, ...], ...]:
         return ()
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
+        msg = f"bind={value!r} must be an address such as '127.0.0.1:8000', or a list of them"
+        raise SettingsError(msg)
     return tuple(parse_address(v) for v in value)
 
 
 def _cwd(value: str | os.PathLike[str] | None) -> str | None:
     if value is None:
         return None
-    path = os.fspath(value)
+    path = _path("cwd", value)
     if not os.path.isdir(path):
         msg = f"cwd={path!r} is not a directory"
         raise SettingsError(msg)
@@ -139,17 +164,24 @@ def _flag(value: Any) -> bool:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        value >= 0 and math.isfinite(value)
-    ):
+    try:
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            value >= 0 and math.isfinite(value)
+        )
+    except OverflowError:  # an int too large for a float
+        bad = True
+    if bad:
         msg = f"kill_timeout={value!r} must be a number of seconds >= 0"
         raise SettingsError(msg)
     return float(value)
 
 
 def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
-        msg = f"max_message_size={value!r} must be an int of at least 1024 bytes"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value < 2**32:
+        msg = (
+            f"max_message_size={value!r} must be an int of at least 1024 bytes and below "
+            "2**32 (the frame header's length field)"
+        )
         raise SettingsError(msg)
     return value
 

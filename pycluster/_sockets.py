@@ -174,6 +174,20 @@ def _unix_name(path: str) -> str:
 
 
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    """Return the family and address to bind *host*:*port* by.
+
+    Raises:
+        OSError: the name does not resolve (``gaierror``), or it is not a host name at
+            all: ``EINVAL`` for a NUL (getaddrinfo would silently cut the name there) or
+            a name the IDNA codec refuses (a label over 63 bytes).
+    """
+    if "\0" in host:
+        msg = f"host name {host!r} contains a NUL character"
+        raise OSError(errno.EINVAL, msg)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except ValueError as exc:  # UnicodeError from the IDNA codec
+        msg = f"host name {host!r} is not valid: {exc}"
+        raise OSError(errno.EINVAL, msg) from None
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr

@@ -9,6 +9,8 @@ import time
 import psutil
 import pytest
 
+_OURS = ("socket:", "pipe:", "anon_inode:[pidfd]")
+
 
 def _fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
@@ -40,5 +42,6 @@ def _no_leaks():
     leaked = {fd for fd in _fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
     # pytest's own capture may open fds; only sockets and pipes are ours to worry about
     ours = {fd for fd in leaked
-            if os.readlink(f"/proc/self/fd/{fd}").startswith(("socket:", "pipe:", "anon_inode:[pidfd]"))}
-    assert not ours, f"test leaked fds: {sorted((fd, os.readlink(f'/proc/self/fd/{fd}')) for fd in ours)}"
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(_OURS)}
+    named = sorted((fd, os.readlink(f"/proc/self/fd/{fd}")) for fd in ours)
+    assert not ours, f"test leaked fds: {named}"

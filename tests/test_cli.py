@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import Proc, http_get, script
+
 from pycluster import cli
 
 SYNC_APP = """
@@ -104,7 +104,7 @@ def test_cgroup_quota_is_read(tmp_path):
 
 
 def _port(proc: Proc) -> int:
-    line = proc.expect_err(lambda l: "listening on 127.0.0.1:" in l, "a worker listening")
+    line = proc.expect_err(lambda line: "listening on 127.0.0.1:" in line, "a worker listening")
     return int(line.rsplit(":", 1)[1].split()[0])
 
 
@@ -122,7 +122,7 @@ def test_run_script_end_to_end(tmp_path):
         assert all(b"args ['--flag']" in b for b in seen)
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait() == 0
-        proc.expect_err(lambda l: "exited with code 0 after disconnect" in l, "worker exit")
+        proc.expect_err(lambda line: "exited with code 0 after disconnect" in line, "worker exit")
 
 
 def test_run_target_json_logs_and_respawn(tmp_path):
@@ -142,14 +142,14 @@ def test_run_target_json_logs_and_respawn(tmp_path):
 
     with Proc(argv, cwd=tmp_path, start_new_session=True, read_stderr=True) as proc:
         first = json.loads(proc.expect_err(
-            lambda l: '"event": "listening"' in l, "worker 1 listening"))
+            lambda line: '"event": "listening"' in line, "worker 1 listening"))
         assert first["worker_id"] == 1 and first["level"] == "info"
         os.kill(first["pid"], signal.SIGKILL)
-        died = json.loads(proc.expect_err(lambda l: '"event": "exit"' in l, "worker 1 exit"))
+        died = json.loads(proc.expect_err(lambda line: '"event": "exit"' in line, "worker 1 exit"))
         assert died["level"] == "error" and died["signal"] == "SIGKILL"
         assert "out of memory" in died["message"]
         second = json.loads(proc.expect_err(
-            lambda l: '"event": "listening"' in l, "replacement listening"))
+            lambda line: '"event": "listening"' in line, "replacement listening"))
         assert second["worker_id"] == 2
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait() == 0

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import Proc, http_get, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,11 +85,11 @@ def test_servers_serve_reload_and_stop(name):
     with start(name) as proc:
         port = port_of(proc)
         for _ in range(2):
-            proc.expect_err(lambda l: "listening on 127.0.0.1:" in l, "a worker listening")
+            proc.expect_err(lambda line: "listening on 127.0.0.1:" in line, "a worker listening")
         first = {body(port) for _ in range(30)}
         assert first <= {b"hello from worker 1\n", b"hello from worker 2\n"}
         os.kill(proc.pid, signal.SIGHUP)
-        proc.expect_err(lambda l: "rolling reload finished" in l, "the reload to finish")
+        proc.expect_err(lambda line: "rolling reload finished" in line, "the reload to finish")
         wait_until(lambda: len(psutil.Process(proc.pid).children()) == 2, "old workers gone")
         after = {body(port) for _ in range(30)}
         assert after <= {b"hello from worker 3\n", b"hello from worker 4\n"}
@@ -118,8 +117,8 @@ def test_messaging_counts_requests_per_worker():
 def test_custom_plugin_example():
     """plugin.py: the ExitNotifier plugin counts the one crash and both survivors hear of it."""
     with Proc([LOOPBACK, str(EXAMPLES / "plugin.py")], cwd=ROOT, read_stderr=True) as proc:
-        heard = [proc.expect(lambda l: "heard" in l, "a worker hearing of the exit")
+        heard = [proc.expect(lambda line: "heard" in line, "a worker hearing of the exit")
                  for _ in range(2)]
-        proc.expect(lambda l: l == "unexpected exits: 1", "the count")
+        proc.expect(lambda line: line == "unexpected exits: 1", "the count")
         assert proc.wait() == 0
     assert all("'exited': 1" in line for line in heard)

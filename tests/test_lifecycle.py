@@ -8,9 +8,9 @@ from __future__ import annotations
 import socket
 
 import pytest
+from helpers import Events, run, script
 
 import pycluster
-from helpers import Events, run, script
 
 LISTEN_AND_WAIT = """
     import sys, threading, pycluster

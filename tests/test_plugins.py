@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from helpers import Events, run, script
 
 import pycluster
-from helpers import Events, run, script
 
 
 def make(tmp_path, body="import pycluster\n", **settings):
