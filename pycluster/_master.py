@@ -40,7 +40,7 @@ class Master(Emitter):
     Args:
         **settings: see :class:`pycluster.Settings` (``exec``, ``target``, ``args``,
             ``env``, ``cwd``, ``silent``, ``scheduling``, ``serialization``,
-            ``kill_timeout``, ``uid``, ``gid``, ``max_message_size``).
+            ``kill_timeout``, ``uid``, ``gid``, ``max_message_size``, ``bind``).
 
     Events (on a worker's handle first, then here with the worker first):
     ``fork(worker)``, ``online(worker)``, ``listening(worker, address)``,

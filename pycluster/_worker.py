@@ -39,7 +39,7 @@ class Worker(Emitter):
     """One worker process, as the master sees it.
 
     Events, each emitted on the worker before the master's event of the same name:
-    ``online()``, ``listening(address)``, ``ready()``, ``message(message)``, ``disconnect()``,
+    ``fork()``, ``online()``, ``listening(address)``, ``ready()``, ``message(message)``, ``disconnect()``,
     ``exit(code, signal)``, ``error(exc)``, and with ``silent=True``
     ``output(stream, line)``.
 
