@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pycluster import Master, SettingsError, Worker
@@ -16,6 +18,12 @@ log = logging.getLogger("pycluster.respawn")
 
 #: Exit code of a worker that failed to start (gunicorn's and uvicorn's convention).
 BOOT_FAILURE = 3
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 class Respawn:
@@ -58,11 +66,18 @@ class Respawn:
     ) -> None:
         for key, value in (("min_delay", min_delay), ("max_delay", max_delay),
                            ("stable_after", stable_after), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not _number(value) or value < 0:
                 msg = f"respawn {key}={value!r} must be a number of seconds >= 0"
                 raise SettingsError(msg)
-        if not 0 <= jitter < 1:
-            msg = f"respawn jitter={jitter!r} must be in [0, 1)"
+        if not _number(jitter) or not 0 <= jitter < 1:
+            msg = f"respawn jitter={jitter!r} must be a number in [0, 1)"
+            raise SettingsError(msg)
+        codes = list(stop_exit_codes) if isinstance(stop_exit_codes, Iterable) else None
+        if codes is None or not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
+            msg = (
+                f"respawn stop_exit_codes={stop_exit_codes!r} must be a list of exit codes, "
+                "e.g. (0, 3)"
+            )
             raise SettingsError(msg)
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             msg = f"respawn max_restarts={max_restarts!r} must be an int >= 0"
@@ -73,7 +88,7 @@ class Respawn:
         self.stable_after = float(stable_after)
         self.max_restarts = max_restarts
         self.window = float(window)
-        self.stop_exit_codes = frozenset(stop_exit_codes)
+        self.stop_exit_codes = frozenset(codes)
         #: Replacements forked so far.
         self.restarts = 0
         self._recent: collections.deque[float] = collections.deque()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import collections
+import errno
 import json
 import os
 import select
@@ -50,6 +51,12 @@ class SharedSocket(socket.socket):
     It is a plain :class:`socket.socket` except that :meth:`listen` keeps the master's
     backlog: servers such as asyncio call ``listen(100)`` on a socket they are given,
     which would shrink the accept queue every worker shares.
+
+    It is non-blocking. Every process holding it shares one open file, so one blocking
+    flag: when a connection arrives, every worker waiting for it wakes up, and those
+    that lose the race must get ``BlockingIOError`` from ``accept()`` instead of blocking
+    there (``socketserver`` then just waits again; asyncio expects it). A server that
+    wants a plain blocking ``accept()`` loop calls ``setblocking(True)`` in every worker.
     """
 
     __slots__ = ()
@@ -190,8 +197,8 @@ class ThisWorker(Worker):
             if not isinstance(host, str) or not host or "\0" in host:
                 msg = f"host={host!r} must be a non-empty string such as '127.0.0.1' (no NUL)"
                 raise SettingsError(msg)
-            request.update(host=host, port=port)
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            request.update(host=_numeric_host(host, port, where), port=port)
         if isinstance(backlog, bool) or not isinstance(backlog, int) or not 1 <= backlog < 2**31:
             msg = f"backlog={backlog!r} must be an int from 1 to 2**31 - 1"
             raise SettingsError(msg)
@@ -215,6 +222,7 @@ class ThisWorker(Worker):
             msg = f"the master's answer for {where} carried no socket"
             raise ProtocolError(msg)
         sock = SharedSocket(fileno=fds[0])
+        sock.setblocking(False)  # it already is (the master set it); say so to Python
         for extra in fds[1:]:
             os.close(extra)
         self._write(encode_control("listening", seq=reply["seq"]))
@@ -448,6 +456,21 @@ class ThisWorker(Worker):
             if done is not None:
                 done.wait(1.0)
         _exit(0)
+
+
+def _numeric_host(host: str, port: int, where: str) -> str:
+    """Resolve *host* here, in the worker, so the master never blocks on a DNS lookup.
+
+    Raises:
+        OSError: the name does not resolve; the message names the address.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise socket.gaierror(exc.errno, f"{exc.strerror} (listening on {where})") from None
+    except ValueError as exc:  # UnicodeError from the IDNA codec
+        raise OSError(errno.EINVAL, f"host name {host!r} is not valid: {exc}") from None
+    return str(infos[0][4][0])
 
 
 def _exit(code: int) -> None:

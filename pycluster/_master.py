@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import signal
@@ -94,12 +95,15 @@ class Master(Emitter):
 
         Raises:
             StateError: the master is stopping or stopped.
-            SettingsError: *env* is not a mapping of strings.
+            SettingsError: *env* is not a mapping of strings, or *slot* is not an int >= 0.
         """
         if self._stopping:
             msg = "cannot fork: the master is stopping; fork() before stop() or in a new Master"
             raise StateError(msg)
         extra = check_env(env, "fork env")
+        if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int) or slot < 0):
+            msg = f"slot={slot!r} must be an int >= 0 (the slot of the worker replaced)"
+            raise SettingsError(msg)
         if slot is None:
             taken = {w.slot for w in self._workers.values() if not w.exited_after_disconnect}
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
@@ -187,6 +191,9 @@ class Master(Emitter):
             exit_code: what :meth:`run` returns (default 0).
         """
         if exit_code is not None:
+            if isinstance(exit_code, bool) or not isinstance(exit_code, int):
+                msg = f"exit_code={exit_code!r} must be an int (what run() returns)"
+                raise SettingsError(msg)
             self._exit_code = exit_code
         first = not self._stopping
         self._stopping = True
@@ -488,9 +495,9 @@ class Master(Emitter):
             sock, address = self._listeners.listen(
                 worker.id, worker.slot, host, port, path, backlog
             )
-        except OSError as exc:
-            err = exc.errno or 0
-            text = exc.strerror or str(exc)
+        except (OSError, ValueError) as exc:  # ValueError: a path or name the OS refuses
+            err = getattr(exc, "errno", None) or errno.EINVAL
+            text = getattr(exc, "strerror", None) or str(exc)
             channel.write(encode_control("reply", seq=seq, ok=False, errno=err, error=text))
             return
         self._listen_addresses[worker.id, seq] = address

@@ -109,6 +109,7 @@ class Listeners:
             try:
                 sock.bind(name)
                 sock.listen(backlog)
+                sock.setblocking(False)  # see SharedSocket: the flag is shared
             except BaseException:
                 sock.close()
                 raise
@@ -126,6 +127,7 @@ class Listeners:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(sockaddr)
             sock.listen(backlog)
+            sock.setblocking(False)  # see SharedSocket: the flag is shared
         except BaseException:
             sock.close()
             raise
@@ -176,6 +178,9 @@ def _unix_name(path: str) -> str:
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
     """Return the family and address to bind *host*:*port* by.
 
+    Only numeric hosts: the worker resolves names before it asks, so the master's loop
+    never waits on DNS.
+
     Raises:
         OSError: the name does not resolve (``gaierror``), or it is not a host name at
             all: ``EINVAL`` for a NUL (getaddrinfo would silently cut the name there) or
@@ -185,7 +190,9 @@ def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
         msg = f"host name {host!r} contains a NUL character"
         raise OSError(errno.EINVAL, msg)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
+        )
     except ValueError as exc:  # UnicodeError from the IDNA codec
         msg = f"host name {host!r} is not valid: {exc}"
         raise OSError(errno.EINVAL, msg) from None

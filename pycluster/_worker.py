@@ -39,8 +39,8 @@ class Worker(Emitter):
     """One worker process, as the master sees it.
 
     Events, each emitted on the worker before the master's event of the same name:
-    ``fork()``, ``online()``, ``listening(address)``, ``ready()``, ``message(message)``, ``disconnect()``,
-    ``exit(code, signal)``, ``error(exc)``, and with ``silent=True``
+    ``fork()``, ``online()``, ``listening(address)``, ``ready()``, ``message(message)``,
+    ``disconnect()``, ``exit(code, signal)``, ``error(exc)``, and with ``silent=True``
     ``output(stream, line)``.
 
     Attributes:

@@ -215,3 +215,37 @@ def test_failing_handler_becomes_error_event(tmp_path):
     assert run(master) == 0
     assert later == [1]
     assert [str(e) for e in errors] == ["handler bug"]
+
+
+@pytest.mark.parametrize("slot", ["x", -1, True, 1.5])
+def test_bad_fork_slot_starts_nothing(tmp_path, slot):
+    """fork(slot=...) that is not an int >= 0 is a SettingsError naming it; no process starts
+    and no id is used."""
+    master = make(tmp_path, "import pycluster\n")
+    with pytest.raises(pycluster.SettingsError, match=f"slot={slot!r}"):
+        master.fork(slot=slot)
+    assert master.fork().id == 1
+    run(master)
+
+
+def test_bad_stop_exit_code(tmp_path):
+    """stop(exit_code=...) that is not an int is a SettingsError; the master is not stopped."""
+    master = make(tmp_path, "import pycluster\n")
+    with pytest.raises(pycluster.SettingsError, match="exit_code='x'"):
+        master.stop(exit_code="x")
+    assert not master.stopping
+
+
+def test_listen_on_a_host_name_is_resolved_in_the_worker(tmp_path):
+    """listen(0, "localhost") works: the worker resolves the name (the master never waits
+    on DNS) and the listening event carries the numeric address."""
+    body = """
+        import pycluster
+        pycluster.worker.listen(0, "localhost")
+    """
+    master = make(tmp_path, body)
+    events = Events(master)
+    master.fork()
+    run(master)
+    (_, address), = events.of("listening")
+    assert address.host in ("127.0.0.1", "::1")

@@ -901,3 +901,42 @@ def test_shared_socket_serves_asyncio_and_socketserver_and_keeps_its_backlog(tmp
     assert via_asyncio == {"asyncio:1": 30}
     assert via_socketserver == {"socketserver:1": 30}
     assert (worker.exit_code, worker.exited_after_disconnect) == (0, True)
+
+
+def test_sync_servers_sharing_a_socket_never_block_in_accept(tmp_path):
+    """Regression: two socketserver workers select() on one shared socket; a connection
+    wakes both and the loser's accept() must not block (the socket is non-blocking), so
+    both can stop serve_forever() when disconnected and exit 0 long before kill_timeout."""
+    body = """
+        import socketserver, pycluster
+
+        class Echo(socketserver.StreamRequestHandler):
+            def handle(self):
+                self.wfile.write(b"%d\\n" % pycluster.worker.id)
+
+        server = socketserver.TCPServer(("127.0.0.1", 0), Echo, bind_and_activate=False)
+        server.socket.close()
+        server.socket = pycluster.worker.listen(0, "127.0.0.1")
+        assert server.socket.gettimeout() == 0.0
+        pycluster.worker.on("disconnect", server.shutdown)
+        pycluster.worker.send("serving")
+        server.serve_forever()
+    """
+    master = pycluster.Master(exec=script(tmp_path, body), kill_timeout=120)
+    workers = [master.fork() for _ in range(2)]
+    answers, ports, serving = [], [], []
+    master.on("listening", lambda worker, address: ports.append(address.port))
+
+    def on_message(worker, message):
+        serving.append(worker.id)
+        if len(serving) == 2:  # both are in serve_forever()'s select() (or about to be)
+            port = ports[0]
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    answers.append(conn.makefile().readline())
+            master.disconnect()
+
+    master.on("message", on_message)
+    assert run(master, timeout=60) == 0
+    assert len(answers) == 5
+    assert [(w.exit_code, w.signal_code) for w in workers] == [(0, None), (0, None)]
