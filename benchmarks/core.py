@@ -1,13 +1,20 @@
-"""The figures of issue "cluster core", each as a ratio against a baseline run alongside.
+"""Every figure the project claims, each against a baseline run alongside it.
 
-    python3 benchmarks/core.py [--quick] [--only ipc,hello,startcost]
+    python3 benchmarks/core.py [--quick] [--only ipc,hello,asgi,reload,startcost]
 
 1. IPC round trips/s and one-way msgs/s, pycluster vs Node cluster (``ipc.py``).
 2. fork -> online / listening latency, pycluster vs Node cluster (``ipc.py``, same runs).
 3. Hello-world req/s with 2 workers: pycluster vs the same server without pycluster vs
    Node cluster (``hello.py``).
-4. Start cost: ``import pycluster`` in a worker, worker RSS and a 16-worker master's RSS,
+4. The ASGI example (uvicorn in pycluster workers) vs ``uvicorn --workers``: req/s, and
+   failed requests across reloads, with the same app (``asgi.py``).
+5. Failed requests across 10 rolling reloads under wrk: ``examples/asyncio_server.py`` vs
+   ``uvicorn --workers`` (``reload.py``).
+6. Start cost: ``import pycluster`` in a worker, worker RSS and a 16-worker master's RSS,
    each against a bare equivalent (``startcost.py``).
+
+The reliability figures (chaos, master deaths, crash loops, leaks) have their own script,
+``reliability.py``: they take minutes, not seconds.
 
 Progress and per-round values go to stderr; the table goes to stdout. A part whose tool
 (``node``, ``wrk``) is missing is skipped with a line saying so. Exits 1 if a part failed.
@@ -23,12 +30,14 @@ import sys
 import time
 import traceback
 
+import asgi
 import hello
 import ipc
+import reload
 import startcost
 from _common import HERE, PYTHON, ROOT, Row, busy_seconds, missing, our_cpu_seconds, say
 
-PARTS = ("ipc", "hello", "startcost")
+PARTS = ("ipc", "hello", "asgi", "reload", "startcost")
 
 
 def compile_package() -> None:
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [p for p in only if p not in PARTS]:
         parser.error(f"unknown part(s) {bad!r}; choose from {PARTS}")
     q = args.quick
-    rounds = {"ipc": 3 if q else 10, "hello": 1 if q else 4, "startcost": 3 if q else 9}
+    rounds = {"ipc": 3 if q else 10, "hello": 1 if q else 4, "asgi": 1 if q else 3,
+              "reload": 3 if q else 10, "startcost": 3 if q else 9}
     compile_package()
     rows: list[Row] = []
     extra: list[str] = []
@@ -118,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows += got
                 for name, runs in spread.items():
                     extra.append(f"  {name}: " + "; ".join(runs))
+            elif part in ("asgi", "reload"):
+                if need := missing("wrk"):
+                    print(f"SKIPPED {part}: {need[0]} is not installed")
+                    continue
+                try:
+                    import uvicorn  # noqa: F401
+                except ImportError:
+                    print(f"SKIPPED {part}: uvicorn is not installed (pip install uvicorn)")
+                    continue
+                if part == "asgi":
+                    rows += asgi.measure(rounds["asgi"])
+                else:
+                    rows += reload.measure(rounds["reload"], 2.0 * (rounds["reload"] + 1))
             else:
                 compile_package()  # the package may have changed since the start
                 rows += startcost.measure(rounds["startcost"])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PYTHON, ROOT, SHARED_BENCH, free_port, missing, running, say, wait_port
+from _common import PYTHON, ROOT, SHARED_BENCH, Row, free_port, missing, running, say, wait_port
 
 HOST = "127.0.0.1"
 
@@ -108,6 +108,31 @@ def trial(name: str, cmd: list[str], env: dict[str, str], cwd: Path, port: int,
     if done_pattern is not None:
         done = len(re.findall(done_pattern, log.read_text(errors="replace")))
     return Result(name, sent, done, requests, non_2xx=non_2xx, **errors)
+
+
+def measure(reloads: int = 10, duration: float = 18.0, workers: int = 2) -> list[Row]:
+    """The row for core.py: failed requests across *reloads* reloads, pycluster's
+    asyncio example vs ``uvicorn --workers`` serving the shared bench's ASGI hello."""
+    scratch = Path(tempfile.mkdtemp(prefix="pycluster-reload-"))
+    port = free_port()
+    ours = trial("pycluster", [PYTHON, str(ROOT / "examples" / "asyncio_server.py")],
+                 {"PORT": str(port), "HOST": HOST, "WORKERS": str(workers)}, ROOT, port,
+                 duration, reloads, scratch / "pycluster.log",
+                 done_pattern=r"rolling reload finished")
+    say("  " + ours.line())
+    port = free_port()
+    base = trial("uvicorn", [PYTHON, "-m", "uvicorn", "--workers", str(workers),
+                             "--no-access-log", "--host", HOST, "--port", str(port),
+                             "--app-dir", str(SHARED_BENCH), "asgi_hello:app"],
+                 {}, SHARED_BENCH, port, duration, reloads, scratch / "uvicorn.log",
+                 done_pattern=None)
+    say("  " + base.line())
+    row = Row(f"failed requests, {reloads} reloads", ours.errors + ours.non_2xx,
+              base.errors + base.non_2xx, "0 for pycluster", None, "",
+              f"examples/asyncio_server.py vs uvicorn --workers {workers}; requests: "
+              f"pycluster {ours.requests:,}, uvicorn {base.requests:,}")
+    row.met = ours.errors + ours.non_2xx == 0 and ours.requests > 0
+    return [row]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ draining = False
 
 
 async def hello(scope, receive, send):
-    body = f"hello from worker {pycluster.worker.id}\n".encode()
+    body = f"hello from worker {pycluster.worker.id if pycluster.worker else 0}\n".encode()
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
     if draining:
         headers.append((b"connection", b"close"))
@@ -33,7 +33,8 @@ async def app(scope, receive, send):
         await hello(scope, receive, send)
     elif scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":  # that is, startup
-            pycluster.worker.attach_loop()  # pycluster's handlers run on uvicorn's loop
+            if pycluster.worker:  # (not under a plain `uvicorn --workers`)
+                pycluster.worker.attach_loop()  # pycluster's handlers run on uvicorn's loop
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -50,15 +51,19 @@ async def drain(server, grace=5.0):
     server.should_exit = True
 
 
-if pycluster.is_primary:
-    master = pycluster.Master()
-    master.use("logging").use("respawn").use("reload")
-    for _ in range(int(os.environ.get("WORKERS", os.cpu_count()))):
-        master.fork()
-    raise SystemExit(master.run())
-else:
+def main():
+    if pycluster.is_primary:
+        master = pycluster.Master()
+        master.use("logging").use("respawn").use("reload")
+        for _ in range(int(os.environ.get("WORKERS", os.cpu_count()))):
+            master.fork()
+        raise SystemExit(master.run())
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     pycluster.worker.on("disconnect", lambda: asyncio.ensure_future(drain(server)))
     server.run(sockets=[pycluster.worker.listen(PORT, HOST)])
+
+
+if __name__ == "__main__":  # workers re-run this too; `uvicorn asgi_uvicorn:app` does not
+    main()

@@ -161,34 +161,27 @@ def clean(stderr: str) -> None:
     assert "KeyboardInterrupt" not in stderr, stderr
 
 
-def test_sigterm_stops_gracefully(tmp_path):
-    """SIGTERM on the master: every worker gets `disconnect` (its handler runs), exits 0
-    with exited_after_disconnect True, each exit is reported once, and the master exits 0."""
+@pytest.mark.parametrize(
+    "send",
+    [
+        pytest.param(lambda pid: os.kill(pid, signal.SIGTERM), id="SIGTERM"),
+        pytest.param(lambda pid: os.killpg(pid, signal.SIGINT), id="Ctrl-C"),
+    ],
+)
+def test_sigterm_and_ctrl_c_stop_gracefully_once(tmp_path, send):
+    """SIGTERM on the master, or Ctrl-C (SIGINT to the whole foreground process group),
+    stops the cluster once, the graceful way: every worker gets `disconnect` (its handler
+    runs) and exits 0 with exited_after_disconnect True, each exit is reported once, no
+    traceback or KeyboardInterrupt reaches stderr, and the master exits 0."""
     with start(tmp_path, ["serve", "serve"]) as proc:
         ready(proc, 2)
-        os.kill(proc.pid, signal.SIGTERM)
+        send(proc.pid)
         assert proc.wait() == 0
         lines = to_the_end(proc)
         stderr = proc.finish()
     assert exits(lines) == {1: [(0, None, True)], 2: [(0, None, True)]}
     assert sorted(e["worker"] for e in lines if e.get("ev") == "worker-disconnect") == [1, 2]
     assert [e for e in lines if e.get("ev") == "done"] == [{"ev": "done", "code": 0}]
-    clean(stderr)
-
-
-def test_sigint_to_the_process_group_stops_once_and_cleanly(tmp_path):
-    """Ctrl-C (SIGINT to the whole foreground process group) stops the cluster once, the
-    graceful way: no traceback and no KeyboardInterrupt on stderr, one exit per worker
-    (0, after disconnect), master exit code 0."""
-    with start(tmp_path, ["serve", "serve"]) as proc:
-        ready(proc, 2)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait() == 0
-        lines = to_the_end(proc)
-        stderr = proc.finish()
-    assert exits(lines) == {1: [(0, None, True)], 2: [(0, None, True)]}
-    assert sorted(e["worker"] for e in lines if e.get("ev") == "worker-disconnect") == [1, 2]
-    assert [e["code"] for e in lines if e.get("ev") == "done"] == [0]
     clean(stderr)
 
 
