@@ -105,8 +105,14 @@ class Reload:
             batch = [w for w in old[start : start + self.surge] if not w.is_dead()]
             if master.stopping:
                 return False
-            fresh = [master.fork(env=w.env, slot=w.slot) for w in batch]
-            results = await asyncio.gather(*(self._until_ready(w) for w in fresh))
+            fresh: list[Worker] = []
+            try:
+                for worker in batch:
+                    fresh.append(master.fork(env=worker.env, slot=worker.slot))
+            except Exception as exc:  # EMFILE, EAGAIN, a bad uid: report it like a failure
+                results: list[str | None] = [f"could not fork a replacement: {exc!r}"]
+            else:
+                results = await asyncio.gather(*(self._until_ready(w) for w in fresh))
             if master.stopping:  # a stop disconnects everyone, replacements included
                 log.info("reload interrupted: the master is stopping")
                 return False

@@ -47,14 +47,6 @@ class Emitter(EventEmitter):
                 self._handler_failed(f, exc)
         return True
 
-    def _emit_run(
-        self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        try:
-            f(*args, **kwargs)
-        except Exception as exc:
-            self._handler_failed(f, exc)
-
     def _handler_failed(self, f: Callable[..., Any], exc: Exception) -> None:
         # An error handler that fails is logged, never re-emitted: no loop of errors.
         if self._events.get("error") and not self.__dict__.get("_reporting"):

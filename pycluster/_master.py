@@ -79,6 +79,7 @@ class Master(Emitter):
         self._plugins: dict[Any, list[tuple[str, Callable[..., Any]]]] = {}
         self._installing: tuple[str, list[tuple[str, Callable[..., Any]]]] | None = None
         self._buffers: dict[tuple[int, str], bytearray] = {}
+        self._sigchld = False  # whether SIGCHLD reaps (where pidfd is missing)
 
     # -- forking -----------------------------------------------------------------------
 
@@ -132,9 +133,12 @@ class Master(Emitter):
         loop = self._loop
         assert loop is not None and worker._channel is not None
         worker._channel.attach(loop)
+        worker._attached = True
         pidfd = self._pidfds.get(worker.id)
         if pidfd is not None:
             loop.add_reader(pidfd, self._reap, worker)
+        elif not self._sigchld:
+            self._sigchld = self._watch_sigchld(loop)
         if self.settings.silent:
             self._read_output(worker)
         worker.emit("fork")
@@ -163,9 +167,8 @@ class Master(Emitter):
         self._loop = loop
         self._done = loop.create_future()
         restore = self._install_signals(loop)
-        sigchld = False
-        if len(self._pidfds) < len(self._workers) or not hasattr(os, "pidfd_open"):
-            sigchld = self._watch_sigchld(loop)
+        if not hasattr(os, "pidfd_open"):
+            self._sigchld = self._watch_sigchld(loop)
         try:
             self.emit("setup", self.settings)
             deferred, self._deferred = self._deferred, []
@@ -174,8 +177,9 @@ class Master(Emitter):
             self._check_done()
             return await self._done
         finally:
-            if sigchld:
+            if self._sigchld:
                 loop.remove_signal_handler(signal.SIGCHLD)
+                self._sigchld = False
             restore()
             self._shutdown_now()
 
@@ -349,9 +353,10 @@ class Master(Emitter):
 
     def _soon(self, call: Callable[[], None]) -> None:
         if self._loop is None:
-            self._deferred.append(call)
-        else:
+            self._deferred.append(call)  # runs when serve() starts
+        elif not self._loop.is_closed():
             self._loop.call_soon(call)
+        # else: run() has returned; there is nothing left to do it for
 
     def _check_done(self) -> None:
         done = self._done
@@ -540,6 +545,8 @@ class Master(Emitter):
         """SIGKILL *worker* if it is still alive ``kill_timeout`` seconds from now."""
         if worker.id in self._timers or worker.is_dead():
             return
+        if worker.process is not None and worker.process.poll() is not None:
+            return  # it has exited; the reap is on its way
         if self._loop is None:
             self._deferred.append(lambda: self._deadline(worker))
             return
@@ -552,10 +559,14 @@ class Master(Emitter):
 
         self._timers[worker.id] = self._loop.call_later(self.settings.kill_timeout, expire)
 
-    def _reap(self, worker: Worker) -> None:
+    def _reap(self, worker: Worker, *, force: bool = False) -> None:
         process = worker.process
-        if process is None or worker.is_dead() or process.poll() is None:
+        if process is None or worker.is_dead() or (not worker._attached and not force):
+            return  # not attached yet: _attach reaps it first thing, in order after fork
+        if process.poll() is None:
             return
+        rc = process.returncode
+        code, sig = (rc, None) if rc >= 0 else (None, _signal_name(-rc))
         loop = self._loop
         pidfd = self._pidfds.pop(worker.id, None)
         if pidfd is not None:
@@ -571,17 +582,22 @@ class Master(Emitter):
         channel.close(None)  # a grandchild may hold its end; the worker is gone anyway
         if self.settings.silent:
             self._close_output(worker)
-        rc = process.returncode
-        code, sig = (rc, None) if rc >= 0 else (None, signal.Signals(-rc).name)
+        timer = self._timers.pop(worker.id, None)  # again: closing may have set one
+        if timer is not None:
+            timer.cancel()
         worker.exit_code, worker.signal_code = code, sig
         worker.state = worker.state.to(WorkerState.DEAD)
         if not worker.exited_after_disconnect and rc != 0 and not self._stopping:
             self._abnormal = True
         del self._workers[worker.id]
         self._listeners.release(worker.id)
+        for key in [k for k in self._listen_addresses if k[0] == worker.id]:
+            del self._listen_addresses[key]
         worker.emit("exit", code, sig)
         self.emit("exit", worker, code, sig)
-        if not any(w.slot == worker.slot for w in self._workers.values()):
+        if worker.exited_after_disconnect and not any(
+            w.slot == worker.slot for w in self._workers.values()
+        ):  # a crashed worker's slot keeps its queue for the replacement
             self._listeners.release_slot(worker.slot)
         self._check_done()
 
@@ -596,7 +612,7 @@ class Master(Emitter):
                 process.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
-            self._reap(worker)
+            self._reap(worker, force=True)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -656,6 +672,14 @@ class Master(Emitter):
     def _close_output(self, worker: Worker) -> None:
         for name, _ in self._streams(worker):
             self._on_output(worker, name, final=True)
+
+
+def _signal_name(number: int) -> str:
+    """``"SIGKILL"`` for 9; real-time and other unnamed signals as ``"SIG35"``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
 
 
 class Timer:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import socket
+import stat
 from typing import Any
 
 import attrs
@@ -55,7 +56,7 @@ class Listeners:
         self._handles: dict[tuple[Any, ...], _Handle] = {}
         self._zero_index: dict[tuple[int, str], int] = {}
         self._zero_ports: dict[tuple[str, int], int] = {}
-        self._unix_paths: list[str] = []
+        self._unix_paths: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
 
     def listen(
         self,
@@ -113,7 +114,8 @@ class Listeners:
             except BaseException:
                 sock.close()
                 raise
-            self._unix_paths.append(path)
+            made = os.stat(path)
+            self._unix_paths.append((path, made.st_dev, made.st_ino))
             return _Handle(sock, Address(path, None, socket.AF_UNIX))
         assert host is not None and port is not None
         group = key[:3] if port == 0 else None
@@ -140,6 +142,8 @@ class Listeners:
         """Forget *worker_id*'s use of every socket (it exited)."""
         for handle in self._handles.values():
             handle.workers.discard(worker_id)
+        for key in [k for k in self._zero_index if k[0] == worker_id]:
+            del self._zero_index[key]
 
     def release_slot(self, slot: int) -> None:
         """Close the ``reuseport`` sockets of a slot no worker holds any more."""
@@ -153,9 +157,13 @@ class Listeners:
         for handle in self._handles.values():
             handle.sock.close()
         self._handles.clear()
-        for path in self._unix_paths:
+        for path, dev, ino in self._unix_paths:
+            # Only the socket file this master made: a worker may have swapped a directory
+            # on the way for a symlink, and a root master must not unlink what it points to.
             with contextlib.suppress(OSError, ValueError):
-                os.unlink(path)
+                now = os.lstat(path)
+                if stat.S_ISSOCK(now.st_mode) and (now.st_dev, now.st_ino) == (dev, ino):
+                    os.unlink(path)
         self._unix_paths.clear()
 
 

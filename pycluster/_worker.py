@@ -70,6 +70,7 @@ class Worker(Emitter):
         self.started_at: float | None = None
         self._master: Master | None = None
         self._channel: Channel | None = None
+        self._attached = False  # the master's loop watches it (its fork event fired)
 
     def __repr__(self) -> str:
         return f"<Worker id={self.id} pid={self.pid} state={self.state.value}>"

@@ -5,6 +5,8 @@ Each test runs a real master in this process and real worker processes.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
 import pytest
@@ -249,3 +251,42 @@ def test_listen_on_a_host_name_is_resolved_in_the_worker(tmp_path):
     run(master)
     (_, address), = events.of("listening")
     assert address.host in ("127.0.0.1", "::1")
+
+
+def test_a_real_time_signal_is_named_and_reaped(tmp_path):
+    """Regression: a worker killed by a signal with no name in signal.Signals (SIGRTMIN+1)
+    exits as (None, "SIG<n>") and the master still finishes."""
+    body = """
+        import time, pycluster
+        pycluster.worker.send("up")
+        time.sleep(60)
+    """
+    master = make(tmp_path, body)
+    worker = master.fork()
+    number = signal.SIGRTMIN + 1
+    master.on("message", lambda w, m: os.kill(w.pid, number))
+    assert run(master) == 1
+    assert (worker.exit_code, worker.signal_code) == (None, f"SIG{number}")
+
+
+def test_without_pidfd_sigchld_reaps_workers_forked_later(tmp_path, monkeypatch):
+    """Where pidfd_open fails (old kernels, sandboxes), workers forked while the master
+    runs are still reaped (through SIGCHLD), in order after their fork event."""
+    def no_pidfd(pid, flags=0):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    master = make(tmp_path, "import pycluster\n")
+    events = Events(master)
+    master.on("setup", lambda settings: master.fork())
+    assert run(master, timeout=20) == 0
+    assert events.names()[1:] == ["fork", "online", "disconnect", "exit"]
+
+
+def test_stop_after_run_is_harmless(tmp_path):
+    """stop() (or a plugin's late timer cancel) after run() returned does nothing."""
+    master = make(tmp_path, "import pycluster\n")
+    master.fork()
+    assert run(master) == 0
+    master.stop()
+    master.hold()()
