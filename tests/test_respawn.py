@@ -175,8 +175,9 @@ def test_boot_failure_exit_3_gives_up_at_once(tmp_path):
     body = """
         import os, threading, pycluster
         w = pycluster.worker
-        if w.id == 2:
-            raise SystemExit(3)
+        if w.id == 2:  # fails to boot, once worker 1 listens (so its stop is the plain one)
+            w.on("message", lambda m: os._exit(3))
+            threading.Event().wait(60)
         done = threading.Event()
         w.on("disconnect", done.set)
         w.listen(0, "127.0.0.1")
@@ -187,6 +188,7 @@ def test_boot_failure_exit_3_gives_up_at_once(tmp_path):
     gave_up = []
     master.on("respawn_give_up", lambda w, reason: gave_up.append((w.id, reason)))
     first, second = master.fork(), master.fork()
+    master.on("listening", lambda w, address: second.send("fail now"))
     assert drive(master) == 1
     assert len(events.of("fork")) == 2
     assert (second.exit_code, first.exit_code, first.exited_after_disconnect) == (3, 0, True)
