@@ -92,6 +92,7 @@ WORKER = """
         time.sleep(3600)
     elif kind == "accept":
         sock = w.listen(0, "127.0.0.1")
+        sock.setblocking(True)  # shared sockets come non-blocking; this one blocks
         ready()
         sock.accept()
     elif kind == "thread":  # the main thread ends; a non-daemon thread keeps the process
