@@ -4,25 +4,16 @@
 binds an ephemeral port; ``reliability.py`` reads it from ``/proc``). Respawn is on, with
 its crash-loop guard widened (this run kills on purpose) and ``stable_after=0.2`` so a
 worker that served for 0.2 s is replaced at once, as gunicorn and uvicorn replace theirs.
-``Hello`` and ``RESPONSE`` are copied from ``examples/hello.py``.
+``Hello`` is ``hello_app.py``'s, which ``core.py`` checks is the one in ``examples/hello.py``.
 """
 
 import asyncio
 import os
 import sys
 
+from hello_app import Hello
+
 import pycluster
-
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello world\n"
-
-
-class Hello(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.transport, self.buffer = transport, b""
-
-    def data_received(self, data):
-        *requests, self.buffer = (self.buffer + data).split(b"\r\n\r\n")
-        self.transport.write(RESPONSE * len(requests))
 
 
 async def serve(port):
