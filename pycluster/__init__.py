@@ -13,39 +13,50 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._child import SharedSocket, ThisWorker, setup
+from ._child import setup
 from ._errors import (
+    BOOT_FAILURE,
     ChannelClosedError,
     MessageError,
     ProtocolError,
     PyclusterError,
+    RequestError,
     SettingsError,
     StateError,
 )
+from ._listen import SharedSocket
+from ._pluginchannel import PluginChannel, WorkerChannel
 from ._plugins import Plugin, PluginError
 from ._state import WorkerState
+from ._thisworker import ThisWorker
 from ._worker import Worker
 
 if TYPE_CHECKING:
     from ._master import Master
     from ._settings import Settings
     from ._sockets import Address
+    from ._timers import Timer
 
 __all__ = [
+    "BOOT_FAILURE",
     "Address",
     "ChannelClosedError",
     "Master",
     "MessageError",
     "Plugin",
+    "PluginChannel",
     "PluginError",
     "ProtocolError",
     "PyclusterError",
+    "RequestError",
     "Settings",
     "SettingsError",
     "SharedSocket",
     "StateError",
     "ThisWorker",
+    "Timer",
     "Worker",
+    "WorkerChannel",
     "WorkerState",
     "__version__",
     "is_master",
@@ -65,7 +76,8 @@ is_master: bool = is_primary
 #: True in a worker process.
 is_worker: bool = not is_primary
 
-_LAZY = {"Master": "._master", "Settings": "._settings", "Address": "._sockets"}
+_LAZY = {"Master": "._master", "Settings": "._settings", "Address": "._sockets",
+         "Timer": "._timers"}
 
 
 def __getattr__(name: str) -> Any:
@@ -82,9 +94,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _public_module() -> None:
-    for name in ("ChannelClosedError", "MessageError", "Plugin", "PluginError",
-                 "ProtocolError", "PyclusterError",
-                 "SettingsError", "SharedSocket", "StateError", "ThisWorker", "Worker",
+    for name in ("ChannelClosedError", "MessageError", "Plugin", "PluginChannel", "PluginError",
+                 "ProtocolError", "PyclusterError", "RequestError", "SettingsError",
+                 "SharedSocket", "StateError", "ThisWorker", "Worker", "WorkerChannel",
                  "WorkerState"):
         globals()[name].__module__ = __name__
 

@@ -1,33 +1,68 @@
 """Worker entry point for ``Master(target="package.module:function")``.
 
 Run as ``python -m pycluster._boot package.module:function [args...]``: imports the module,
-calls the function, and exits with what it returns. A target that cannot be imported or
-found exits with code 3 (a boot failure, as in gunicorn and uvicorn) after one clear line.
+calls the function, and exits with what it returns. Anything that goes wrong before the
+function is called (the module does not import, raises or has a syntax error; the name is
+missing or not callable) is a boot failure: the error is printed once and the worker exits
+with :data:`pycluster.BOOT_FAILURE`, so the respawn plugin gives up instead of retrying.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from typing import Any
 
-import pycluster  # noqa: F401 - connects this worker to its master before the target loads
+from pycluster import BOOT_FAILURE  # connects this worker to its master before the target loads
 
-BOOT_FAILURE = 3
+
+def load(spec: str) -> Any:
+    """Import ``module:qualname`` and return the object it names.
+
+    Raises:
+        LookupError: the module has no such attribute (the message says which).
+        Exception: whatever importing the module raised.
+    """
+    module_name, _, qualname = spec.partition(":")
+    target: Any = importlib.import_module(module_name)
+    try:
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except AttributeError as exc:
+        raise LookupError(str(exc)) from None
+    return target
 
 
 def main(argv: list[str]) -> Any:
     spec, *args = argv
-    module_name, _, qualname = spec.partition(":")
     sys.argv = [spec, *args]
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        print(f"pycluster: cannot load target {spec!r}: {exc}", file=sys.stderr)
+        target = load(spec)
+    except LookupError as exc:
+        _fail(f"cannot load target {spec!r}: {exc}")
+        return BOOT_FAILURE
+    except ModuleNotFoundError as exc:
+        if exc.name and spec.startswith(exc.name):  # the app's module itself is missing
+            _fail(f"cannot load target {spec!r}: {exc}")
+            return BOOT_FAILURE
+        traceback.print_exc()  # a module the app imports is missing: show where
+        _fail(f"cannot load target {spec!r}: importing it raised {exc!r}")
+        return BOOT_FAILURE
+    except BaseException as exc:  # a syntax error or an exception while importing the app
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        traceback.print_exc()
+        _fail(f"cannot load target {spec!r}: importing it raised {type(exc).__name__}: {exc}")
+        return BOOT_FAILURE
+    if not callable(target):
+        _fail(f"target {spec!r} is a {type(target).__name__}, not a function to call")
         return BOOT_FAILURE
     return target()
+
+
+def _fail(text: str) -> None:
+    print(f"pycluster: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from ._child import process_title
 from ._errors import PyclusterError
+from ._settings import TARGET
 
-__all__ = ["default_workers", "main"]
+__all__ = ["default_name", "default_workers", "main"]
 
-_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class _UsageError(Exception):
@@ -110,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--name", metavar="NAME",
+                     help="the cluster's name, shown by ps in the process titles "
+                          "(default: from APP)")
     return parser
 
 
@@ -156,7 +160,7 @@ def _run(options: argparse.Namespace) -> int:
     app = options.app
     if os.path.isfile(app) or app.endswith(".py"):
         settings["exec"] = app
-    elif _TARGET.match(app):
+    elif TARGET.match(app):
         settings["target"] = app
     else:
         msg = f"APP {app!r} is neither a script path nor 'module:function'"
@@ -168,6 +172,7 @@ def _run(options: argparse.Namespace) -> int:
     if options.kill_timeout < 0 or not math.isfinite(options.kill_timeout):
         msg = f"--kill-timeout {options.kill_timeout} must be a number of seconds >= 0"
         raise _UsageError(msg)
+    settings["name"] = options.name or default_name(app)
     master = Master(**settings)
     master.use("logging", format=options.log_format)
     if not options.no_respawn:
@@ -175,6 +180,28 @@ def _run(options: argparse.Namespace) -> int:
     master.use("reload")
     for name in options.plugin:
         master.use(name)
-    for _ in range(workers):
-        master.fork()
-    return master.run()
+    listened: list[bool] = []
+    stopped: list[bool] = []
+    master.once("listening", lambda worker, address: listened.append(True))
+    master.once("stop", lambda: stopped.append(True))
+    process_title(f"pycluster master [{settings['name']}]")
+    try:
+        for _ in range(workers):
+            master.fork()
+    except OSError as exc:  # a --bind address is in use or not ours: no worker started
+        print(f"pycluster: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    code = master.run()
+    if master.stop_reason and code:
+        print(f"pycluster: stopped: {master.stop_reason}", file=sys.stderr)
+    elif not listened and not stopped:
+        print("pycluster: warning: every worker exited without listening; does "
+              f"{app!r} call pycluster.worker.listen()?", file=sys.stderr)
+    return code
+
+
+def default_name(app: str) -> str:
+    """The cluster's name when ``--name`` is not given: the script's or module's name."""
+    base = os.path.splitext(os.path.basename(app))[0] if app.endswith(".py") else app
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base.split(":")[0]).strip("-._")
+    return name[:64] or "app"
