@@ -80,6 +80,7 @@ from pycluster.plugins.respawn import Respawn
 
 import pycluster
 from pycluster import cli
+from pycluster._procfs import inet_inodes, socket_inodes, unix_sockets
 from pycluster._protocol import PICKLE, decode_message
 
 pytestmark = pytest.mark.reliability
@@ -284,35 +285,6 @@ def test_bad_listen_hosts_are_errors_in_the_worker_not_a_kill(tmp_path):
 # -- 7. security ---------------------------------------------------------------------------
 
 
-def unix_table() -> dict[str, str]:
-    """Socket inode → path (``""`` if unnamed) of every AF_UNIX socket, /proc/net/unix."""
-    table = {}
-    with open("/proc/net/unix") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            table[parts[6]] = parts[7] if len(parts) > 7 else ""
-    return table
-
-
-def inet_inodes() -> set[str]:
-    """Inodes of every TCP, UDP and raw socket (IPv4 and IPv6)."""
-    found = set()
-    for name in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
-        with contextlib.suppress(OSError), open(f"/proc/net/{name}") as f:
-            found.update(line.split()[9] for line in f.readlines()[1:])
-    return found
-
-
-def sockets_of(pid: int) -> set[str]:
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                found.add(link[8:-1])
-    return found
-
-
 CHANNEL_REPORT = """
     import os, socket, struct, threading, pycluster
     w = pycluster.worker
@@ -334,13 +306,13 @@ def test_ipc_channel_is_an_unnamed_socketpair_only(tmp_path):
     master opened for it is a TCP/UDP socket or a named (filesystem or abstract) unix
     socket. No PYCLUSTER_ variable is left in the worker's environment."""
     master = pycluster.Master(exec=script(tmp_path, CHANNEL_REPORT), args=[], kill_timeout=10)
-    before = sockets_of(os.getpid())
+    before = socket_inodes(os.getpid())
     seen: dict[str, Any] = {}
 
     def on_message(worker, report):
-        table, inet = unix_table(), inet_inodes()
-        mine = sockets_of(worker.pid)
-        opened = sockets_of(os.getpid()) - before
+        table, inet = unix_sockets(), inet_inodes()
+        mine = socket_inodes(worker.pid)
+        opened = socket_inodes(os.getpid()) - before
         seen.update(report=report, worker=[(i, table.get(i), i in inet) for i in mine],
                     master=[(i, table.get(i), i in inet) for i in opened])
         worker.send("bye")
