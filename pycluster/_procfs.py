@@ -178,7 +178,12 @@ def zombies(pid: int) -> set[int]:
 def cmdline(pid: int) -> list[str]:
     """Return the command line of *pid*, ``[]`` once it is gone (or for a zombie)."""
     text = _read(f"/proc/{pid}/cmdline")
-    return text.split("\0")[:-1] if text else []
+    if not text:
+        return []
+    args = text.split("\0")
+    if args[-1] == "":  # the NUL after the last argument (a process that set its title
+        args.pop()  # may have none)
+    return args
 
 
 def rss_kib(pid: int) -> int | None:
@@ -197,7 +202,8 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def fd_count(pid: int) -> int | None:
-    """Return how many fds *pid* has open, ``None`` once it is gone."""
+    """Return how many fds *pid* has open, ``None`` once it is gone (for this process,
+    the one that lists them is counted too)."""
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
