@@ -114,14 +114,14 @@ def parse_address(text: str) -> tuple[int | str, ...]:
         host, port = "", text
     bracketed = len(host) > 2 and host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
-    if not bracketed and any(c in host for c in ":[]"):
-        msg = f"bind address {text!r}: an IPv6 host goes in brackets, e.g. '[::1]:8000'"
-        raise SettingsError(msg)
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+    unbracketed = not bracketed and any(c in host for c in ":[]")
+    if unbracketed or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         msg = (
             f"bind address {text!r} is not HOST:PORT (port 0-65535), :PORT or unix:PATH, "
             "e.g. '127.0.0.1:8000'"
         )
+        if unbracketed:
+            msg += " (an IPv6 host goes in brackets: '[::1]:8000')"
         raise SettingsError(msg)
     return (int(port), host or "0.0.0.0")
 

@@ -95,27 +95,14 @@ def test_a_malformed_address_is_a_settings_error_quoting_it(text):
     assert isinstance(info.value, ValueError)
 
 
-#: What pytest.raises raises when nothing was raised: the address was accepted.
-NOT_REFUSED = pytest.fail.Exception
-UNBRACKETED = pytest.mark.xfail(
-    strict=True, raises=NOT_REFUSED,
-    reason="parse_address splits at the last ':' and accepts any host before it, "
-           "colons included: '::1' gives port 1 on host ':'")
-
-
 @pytest.mark.parametrize("text", [
-    pytest.param("::1", marks=UNBRACKETED, id="bare-ipv6"),
-    pytest.param("fe80::1:8000", marks=UNBRACKETED, id="bare-ipv6-with-port"),
-    pytest.param("a:b:80", marks=UNBRACKETED, id="two-colons"),
-    pytest.param("[::1:80", marks=UNBRACKETED, id="unclosed-bracket"),
-    pytest.param("127.0.0.1:\u00b2", marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="str.isdigit() accepts '²', which int() then refuses with a plain ValueError"),
-        id="superscript-digit"),
-    pytest.param("\uff18\uff10", marks=pytest.mark.xfail(
-        strict=True, raises=NOT_REFUSED,
-        reason="str.isdigit() and int() accept fullwidth digits: '８０' is port 80"),
-        id="fullwidth-digits"),
+    pytest.param("::1", id="bare-ipv6"),
+    pytest.param("fe80::1:8000", id="bare-ipv6-with-port"),
+    pytest.param("a:b:80", id="two-colons"),
+    pytest.param("[::1:80", id="unclosed-bracket"),
+    pytest.param("[]:80", id="empty-brackets"),
+    pytest.param("127.0.0.1:\u00b2", id="superscript-digit"),
+    pytest.param("\uff18\uff10", id="fullwidth-digits"),
 ])
 def test_an_ambiguous_or_non_ascii_address_is_refused(text):
     """A bare IPv6 address (with or without a port: which colon is the port's?), a host
