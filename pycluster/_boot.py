@@ -47,13 +47,13 @@ def main(argv: list[str]) -> Any:
             _fail(f"cannot load target {spec!r}: {exc}")
             return BOOT_FAILURE
         traceback.print_exc()  # a module the app imports is missing: show where
-        _fail(f"cannot load target {spec!r}: importing it raised {exc!r}")
+        _fail(f"cannot load target {spec!r} (the traceback above says why)")
         return BOOT_FAILURE
     except BaseException as exc:  # a syntax error or an exception while importing the app
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         traceback.print_exc()
-        _fail(f"cannot load target {spec!r}: importing it raised {type(exc).__name__}: {exc}")
+        _fail(f"cannot load target {spec!r} (the traceback above says why)")
         return BOOT_FAILURE
     if not callable(target):
         _fail(f"target {spec!r} is a {type(target).__name__}, not a function to call")
