@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._child import setup
+from ._child import run_setups, setup
 from ._errors import (
     BOOT_FAILURE,
     ChannelClosedError,
@@ -102,3 +102,6 @@ def _public_module() -> None:
 
 
 _public_module()
+
+if worker is not None:  # last: a plugin's worker-side hook sees the whole package
+    run_setups(worker)

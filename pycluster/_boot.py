@@ -9,29 +9,12 @@ with :data:`pycluster.BOOT_FAILURE`, so the respawn plugin gives up instead of r
 
 from __future__ import annotations
 
-import importlib
 import sys
 import traceback
 from typing import Any
 
 from pycluster import BOOT_FAILURE  # connects this worker to its master before the target loads
-
-
-def load(spec: str) -> Any:
-    """Import ``module:qualname`` and return the object it names.
-
-    Raises:
-        LookupError: the module has no such attribute (the message says which).
-        Exception: whatever importing the module raised.
-    """
-    module_name, _, qualname = spec.partition(":")
-    target: Any = importlib.import_module(module_name)
-    try:
-        for part in qualname.split("."):
-            target = getattr(target, part)
-    except AttributeError as exc:
-        raise LookupError(str(exc)) from None
-    return target
+from pycluster._child import load
 
 
 def main(argv: list[str]) -> Any:

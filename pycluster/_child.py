@@ -8,19 +8,22 @@ starts the IPC thread and tells the master the worker is online.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import socket
 import sys
 import threading
+import traceback
+from typing import Any
 
-from ._errors import SettingsError
+from ._errors import BOOT_FAILURE, SettingsError
 from ._protocol import DEFAULT_MAX_MESSAGE, encode_control
 from ._reader import exit_now
 from ._thisworker import ThisWorker
 
-__all__ = ["process_title", "setup"]
+__all__ = ["load", "process_title", "run_setups", "setup"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -59,9 +62,45 @@ def setup() -> ThisWorker | None:
     name = mine.get("PYCLUSTER_NAME")
     if name:
         process_title(f"pycluster worker {worker_id} [{name}]")
+    worker._setups = json.loads(mine.get("PYCLUSTER_SETUP", "[]"))
     worker._write(encode_control("online"))
     worker._reader.start()
     return worker
+
+
+def run_setups(worker: ThisWorker) -> None:
+    """Call the plugins' worker-side hooks (:meth:`Master.worker_setup`), in order, once
+    ``pycluster.worker`` is set; a hook that fails is this worker's boot failure."""
+    for spec in worker._setups:
+        _run_setup(spec, worker)
+
+
+def load(spec: str) -> Any:
+    """Import ``"module:qualname"`` and return the object it names.
+
+    Raises:
+        LookupError: the module has no such attribute (the message says which).
+        Exception: whatever importing the module raised.
+    """
+    module_name, _, qualname = spec.partition(":")
+    target: Any = importlib.import_module(module_name)
+    try:
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except AttributeError as exc:
+        raise LookupError(str(exc)) from None
+    return target
+
+
+def _run_setup(spec: str, worker: ThisWorker) -> None:
+    """Call a plugin's worker-side hook; if it fails, this worker fails to boot."""
+    try:
+        load(spec)(worker)
+    except Exception:
+        traceback.print_exc()
+        print(f"pycluster: worker {worker.id}: the worker setup hook {spec!r} failed",
+              file=sys.stderr)
+        exit_now(BOOT_FAILURE)
 
 
 def process_title(title: str) -> None:

@@ -1,8 +1,9 @@
 """What plugins build on: installing them, their channels to workers, their timers.
 
 :class:`PluginHost` is the part of :class:`pycluster.Master` that plugins use beyond the
-lifecycle events: ``use``/``unuse``, ``channel()``, ``call_later``/``call_every`` and
-``hold()``. The master supplies the loop and the bookkeeping behind them.
+lifecycle events: ``use``/``unuse``, ``channel()``, ``worker_setup()``,
+``call_later``/``call_every`` and ``hold()``. The master supplies the loop and the
+bookkeeping behind them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._emitter import Emitter
-from ._errors import StateError
+from ._errors import SettingsError, StateError
 from ._pluginchannel import PluginChannel, check_name
 from ._plugins import PluginRegistry
+from ._settings import TARGET
 from ._timers import Scheduler, Timer, check_delay
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ class PluginHost(Emitter):
         self._channels: dict[str, PluginChannel] = {}
         self._scheduler = Scheduler(self._handler_failed)
         self._holds = 0
+        self._setups: list[str] = []
 
     def _soon(self, call: Callable[[], None]) -> None:
         raise NotImplementedError
@@ -134,6 +137,21 @@ class PluginHost(Emitter):
         if self._finished():
             msg = f"{what}() needs a running master (or one not yet run): this one has finished"
             raise StateError(msg)
+
+    def worker_setup(self, spec: str) -> None:
+        """Have every worker forked from now on call ``spec`` (``"module:function"``) with
+        ``pycluster.worker`` as it starts, before the app's code: the worker-side half of
+        a plugin (answering its channel, say). A hook that fails is the worker's boot
+        failure. Adding the same hook twice does nothing.
+
+        Raises:
+            SettingsError: *spec* is not a ``"module:function"`` string.
+        """
+        if not isinstance(spec, str) or not TARGET.match(spec):
+            msg = f"worker_setup({spec!r}) needs a 'package.module:function' string"
+            raise SettingsError(msg)
+        if spec not in self._setups:
+            self._setups.append(spec)
 
     def hold(self) -> Callable[[], None]:
         """Keep the master running while something (a plugin) may still fork.

@@ -107,7 +107,8 @@ class Master(PluginHost):
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
         bind = self._bind_addresses()
         worker = Worker(self._next_id, slot=slot)
-        process, sock = spawn(self.settings, self._command, worker.id, extra, bind)
+        process, sock = spawn(self.settings, self._command, worker.id, extra, bind,
+                              self._setups)
         self._next_id += 1
         channel = Channel(
             sock,

@@ -55,6 +55,7 @@ class ThisWorker(Worker):
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._pending = Pending()
+        self._setups: list[str] = []  # worker_setup hooks, run once pycluster.worker is set
         self._channels: dict[str, WorkerChannel] = {}
         self._inbox = Dispatcher(self)
         self._acts = {"reply": self._on_reply, "disconnect": self._on_disconnect,

@@ -295,3 +295,65 @@ def test_a_bind_address_in_use_fails_fork_before_any_worker_starts(tmp_path):
         assert dict(master.workers) == {}
     finally:
         taken.close()
+
+
+HOOKS = """
+    import pycluster
+
+    def answer(worker):
+        channel = worker.channel("hooked")
+        channel.handle(lambda data: {"set": pycluster.worker is worker, "id": worker.id,
+                                     "data": data})
+
+    def broken(worker):
+        raise RuntimeError("the hook is broken")
+"""
+
+
+def test_worker_setup_hooks_run_in_every_worker_before_the_app(tmp_path):
+    """A plugin's worker_setup("module:function") hook runs in each worker as it starts,
+    with pycluster.worker set, before the app's code: here it opens a channel the master
+    then asks; the same hook added twice runs once."""
+    script(tmp_path, HOOKS, "hooks.py")
+    body = """
+        import threading, pycluster
+        done = threading.Event()
+        pycluster.worker.on("disconnect", done.set)
+        pycluster.worker.send("started")
+        done.wait(60)
+    """
+    master = pycluster.Master(exec=script(tmp_path, body), kill_timeout=10)
+    master.worker_setup("hooks:answer")
+    master.worker_setup("hooks:answer")
+    answers = []
+
+    async def ask(worker):
+        answers.append(await master.channel("hooked").request(worker, "hi"))
+        if len(answers) == 2:
+            master.stop()
+
+    master.on("message", lambda w, m: asyncio.ensure_future(ask(w)))
+    master.fork()
+    master.fork()
+    assert run(master) == 0
+    assert sorted(a["id"] for a in answers) == [1, 2]
+    assert all(a["set"] and a["data"] == "hi" for a in answers)
+
+
+def test_a_failing_worker_setup_hook_is_a_boot_failure(tmp_path):
+    """A hook that raises ends its worker with BOOT_FAILURE before the app runs; a hook
+    that is not a module:function string is refused at once."""
+    script(tmp_path, HOOKS, "hooks.py")
+    master = pycluster.Master(exec=script(tmp_path, "import pycluster\nprint('app ran')\n"),
+                              silent=True, kill_timeout=10)
+    with pytest.raises(pycluster.SettingsError, match="module:function"):
+        master.worker_setup("not a spec")
+    master.worker_setup("hooks:broken")
+    lines = []
+    master.on("output", lambda w, stream, line: lines.append(line))
+    worker = master.fork()
+    assert run(master) == 1
+    assert worker.exit_code == pycluster.BOOT_FAILURE
+    assert "app ran" not in lines
+    assert lines[-1] == "pycluster: worker 1: the worker setup hook 'hooks:broken' failed"
+    assert "RuntimeError: the hook is broken" in lines
