@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--metrics", metavar="ADDRESS",
+                     help="serve /metrics (Prometheus), /healthz and /readyz from the master "
+                          "on HOST:PORT (needs prometheus_client for the app's own metrics)")
     run.add_argument("--name", metavar="NAME",
                      help="the cluster's name, shown by ps in the process titles "
                           "(default: from APP)")
@@ -180,6 +183,12 @@ def _run(options: argparse.Namespace) -> int:
     master.use("reload")
     for name in options.plugin:
         master.use(name)
+    if options.metrics:
+        try:  # bound now, before any worker forks, as --bind addresses are
+            master.use("metrics", address=options.metrics)
+        except OSError as exc:
+            print(f"pycluster: error: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     listened: list[bool] = []
     stopped: list[bool] = []
     master.once("listening", lambda worker, address: listened.append(True))
