@@ -32,6 +32,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 
     from pycluster import Master, ThisWorker, Worker, WorkerChannel
 
-__all__ = ["Metrics", "parse_address", "snapshot", "worker_side"]
+__all__ = ["Family", "Metrics", "merge", "parse_address", "render", "resolve", "retire",
+           "snapshot", "worker_side"]
 
 log = logging.getLogger("pycluster.metrics")
 
@@ -69,14 +71,24 @@ _MAX_HEAD = 16 * 1024
 
 # -- the worker's side ----------------------------------------------------------------
 
+#: What this worker answered last: its number and each family's keys (so the next
+#: answer can leave out keys the master already has).
+_sent: dict[str, Any] = {"n": 0, "keys": {}}
+_sent_lock = threading.Lock()
+
 
 def worker_side(worker: ThisWorker) -> None:
     """The worker-side half (``master.worker_setup`` runs it in every worker): answer the
     master's ``metrics`` requests with :func:`snapshot`, and hand over the final values
     when the process exits normally."""
     channel = worker.channel(CHANNEL)
-    channel.handle(lambda data: snapshot())
+    channel.handle(_answer)
     atexit.register(_last_words, channel)
+
+
+def _answer(data: Any) -> dict[str, Any]:
+    have = data.get("have") if isinstance(data, dict) else None
+    return snapshot(have if isinstance(have, int) else None)
 
 
 def _last_words(channel: WorkerChannel) -> None:
@@ -88,39 +100,122 @@ def _last_words(channel: WorkerChannel) -> None:
         pass
 
 
-def snapshot() -> list[list[Any]]:
+def snapshot(have: int | None = None) -> dict[str, Any]:
     """This process's prometheus_client default registry, as the master merges it.
 
-    One ``[name, type, help, mode, samples]`` per family, *samples* flat as
-    ``sample_name, label_text, value, …`` (*label_text* is ``{k="v",…}`` or ``""``; a
-    value that is not finite is its text, ``"+Inf"``). ``[]`` if the app never imported
-    prometheus_client. ``_created`` samples are left out: they do not merge.
+    ``{"n": N, "families": [[name, type, help, mode, keys, values], …]}``: *keys* are
+    the series as exposition text writes them (``name_total{k="v"}``), *values* their
+    values (a value that is not finite is its text, ``"+Inf"``). When *have* is the
+    number of this worker's previous answer, a family whose keys have not changed since
+    has ``None`` for *keys*. No families if the app never imported prometheus_client;
+    ``_created`` samples are left out (they do not merge).
     """
     prom = sys.modules.get("prometheus_client")
-    if prom is None:
-        return []
-    registry = prom.REGISTRY
-    modes: dict[str, str] = {}
-    for collector, names in list(getattr(registry, "_collector_to_names", {}).items()):
-        mode = getattr(collector, "_multiprocess_mode", None)
-        if isinstance(mode, str):
-            for name in names:
-                modes[name] = mode
     families: list[list[Any]] = []
-    for metric in registry.collect():
+    if prom is not None:
+        registry = prom.REGISTRY
+        collectors = getattr(registry, "_collector_to_names", None)
+        if isinstance(collectors, dict):
+            with getattr(registry, "_lock", threading.Lock()):
+                found = list(collectors)
+            for collector in found:
+                family = _fast_family(collector)
+                if family is not None:
+                    families.append(family)
+                else:
+                    families.extend(_families(collector.collect()))
+        else:  # another prometheus_client: its public collect()
+            families.extend(_families(registry.collect()))
+    with _sent_lock:
+        reuse = have is not None and have == _sent["n"]
+        before: dict[str, list[str]] = _sent["keys"]
+        sent: dict[str, list[str]] = {}
+        for family in families:
+            keys = sent[family[0]] = family[4]
+            if reuse and before.get(family[0]) == keys:
+                family[4] = None
+            values = family[5]
+            if not all(map(math.isfinite, values)):
+                family[5] = [v if math.isfinite(v) else _number(v) for v in values]
+        number = _sent["n"] = _sent["n"] + 1
+        _sent["keys"] = sent
+    return {"n": number, "families": families}
+
+
+def _families(metrics: Any) -> list[list[Any]]:
+    """Families from prometheus_client ``Metric`` objects (the general path)."""
+    out: list[list[Any]] = []
+    for metric in metrics:
         summed = metric.type in SUMMED
-        flat: list[Any] = []
+        keys: list[str] = []
+        values: list[float] = []
         for sample in metric.samples:
-            name = sample.name
-            if summed and name.endswith("_created"):
+            if summed and sample.name.endswith("_created"):
                 continue
-            value = sample.value
-            if not math.isfinite(value):
-                value = _number(value)
-            flat += (name, _label_text(sample.labels), value)
-        families.append([metric.name, metric.type, metric.documentation,
-                         modes.get(metric.name, ""), flat])
-    return families
+            keys.append(sample.name + _label_text(sample.labels))
+            values.append(float(sample.value))
+        out.append([metric.name, metric.type, metric.documentation, "", keys, values])
+    return out
+
+
+def _fast_family(metric: Any) -> list[Any] | None:
+    """The family of a prometheus_client Counter, Gauge or Histogram, read from its
+    children directly with each child's keys made once; ``None`` for anything else
+    (then its public ``collect()`` is used)."""
+    kind = getattr(metric, "_type", None)
+    if kind not in ("counter", "gauge", "histogram") or not hasattr(metric, "_labelnames"):
+        return None
+    try:
+        name: str = metric._name
+        labelnames = tuple(metric._labelnames)
+        if labelnames:
+            with metric._lock:
+                children = list(metric._metrics.items())
+        else:
+            children = [((), metric)]
+        cache: dict[tuple[str, ...], list[str]] = metric.__dict__.setdefault(
+            "_pycluster_keys", {})
+        keys: list[str] = []
+        values: list[float] = []
+        for labelvalues, child in children:
+            known = cache.get(labelvalues)
+            if known is None:
+                known = cache[labelvalues] = _child_keys(kind, name, labelnames, labelvalues,
+                                                         child)
+            keys.extend(known)
+            if kind == "histogram":
+                total = 0.0
+                for bucket in child._buckets:
+                    total += bucket.get()
+                    values.append(total)
+                values.append(total)
+                if len(known) > len(child._buckets) + 1:
+                    values.append(child._sum.get())
+            elif "_child_samples" in child.__dict__:  # a Gauge with set_function()
+                values.append(float(next(iter(child._child_samples())).value))
+            else:
+                values.append(child._value.get())
+        mode = getattr(metric, "_multiprocess_mode", "") if kind == "gauge" else ""
+        documentation = metric._documentation
+    except (AttributeError, TypeError, ValueError, StopIteration):
+        return None
+    return [name, kind, documentation, mode, keys, values]
+
+
+def _child_keys(kind: str, name: str, labelnames: tuple[str, ...],
+                labelvalues: tuple[str, ...], child: Any) -> list[str]:
+    labels = dict(zip(labelnames, labelvalues, strict=False))
+    if kind == "counter":
+        return [name + "_total" + _label_text(labels)]
+    if kind == "gauge":
+        return [name + _label_text(labels)]
+    keys = [name + "_bucket" + _label_text({**labels, "le": _number(bound)})
+            for bound in child._upper_bounds]
+    text = _label_text(labels)
+    keys.append(name + "_count" + text)
+    if child._upper_bounds[0] >= 0:
+        keys.append(name + "_sum" + text)
+    return keys
 
 
 def _label_text(labels: dict[str, str]) -> str:
@@ -136,14 +231,19 @@ def _escape(value: str) -> str:
 
 
 def _number(value: float) -> str:
-    """A sample value as both formats write it."""
+    """A number as both formats write it (Go's style for large ``le`` bounds)."""
     if value != value:
         return "NaN"
     if value == math.inf:
         return "+Inf"
     if value == -math.inf:
         return "-Inf"
-    return repr(float(value))
+    text = repr(float(value))
+    dot = text.find(".")
+    if value > 0 and dot > 6 and "e" not in text:  # 1e+07, as Go and prometheus_client write it
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
 
 
 # -- merging --------------------------------------------------------------------------
@@ -158,61 +258,116 @@ class Family:
         self.kind = kind
         self.help = help
         self.mode = MODES.get(mode, "all")
-        #: ``(sample name, label text) → value``, in the order first seen.
-        self.samples: dict[tuple[str, str], float] = {}
+        #: series (``name{labels}``) → value, in the order first seen.
+        self.samples: dict[str, float] = {}
 
 
-def _value(value: Any) -> float:
-    return float(value) if isinstance(value, str) else value
+def resolve(previous: list[list[Any]] | None, answer: Any) -> list[list[Any]]:
+    """A worker's families with every key filled in: keys it left out (``None``) are
+    those of the same family in *previous*, its last answer the master kept; values that
+    came as text are numbers again.
+
+    Raises:
+        ValueError: the answer is malformed, or leaves out keys the master does not have.
+    """
+    if not isinstance(answer, dict) or not isinstance(answer.get("families"), list):
+        msg = f"not a metrics answer: {str(answer)[:80]!r}"
+        raise TypeError(msg)
+    known = {f[0]: f[4] for f in previous or ()}
+    out: list[list[Any]] = []
+    for name, kind, help_text, mode, keys, values in answer["families"]:
+        if keys is None:
+            keys = known.get(name)
+        if not isinstance(keys, list) or not isinstance(values, list) or (
+                len(keys) != len(values)):
+            msg = f"family {name!r}: its keys and values do not match"
+            raise ValueError(msg)
+        if str in map(type, values):
+            values = [float(v) if isinstance(v, str) else v for v in values]
+        out.append([name, kind, help_text, mode or "", keys, values])
+    return out
 
 
 def merge(retired: dict[str, Family], answers: list[tuple[int, list[list[Any]]]],
           conflict: Callable[[str, str, str, int], None]) -> dict[str, Family]:
-    """Merge workers' snapshots (``(worker id, families)``, oldest worker first) over the
-    totals of exited workers; *conflict(name, kind, other_kind, worker_id)* is told of a
-    family whose type differs from the first one seen (that worker's family is left out)."""
-    families: dict[str, Family] = {}
+    """Merge workers' families (``(worker id, families)`` from :func:`resolve`, oldest
+    worker first) over the totals of exited workers; *conflict(name, kind, other_kind,
+    worker_id)* is told of a family whose type differs from the first one seen (that
+    worker's family is left out)."""
+    by_name: dict[str, list[tuple[int, list[Any]]]] = {}
+    for worker_id, families in answers:
+        for entry in families:
+            by_name.setdefault(entry[0], []).append((worker_id, entry))
+    merged: dict[str, Family] = {}
     for name, kept in retired.items():
-        family = families[name] = Family(kept.kind, kept.help)
-        family.samples = dict(kept.samples)
-    for worker_id, snap in answers:
-        label = f'worker="{worker_id}"'
-        for name, kind, help_text, mode, flat in snap:
-            found = families.get(name)
-            if found is None:
-                family = families[name] = Family(kind, help_text, mode)
-            elif found.kind != kind:
-                conflict(name, found.kind, kind, worker_id)
-                continue
+        merged[name] = Family(kept.kind, kept.help)
+    for name, entries in by_name.items():
+        first = entries[0][1]
+        kind = merged[name].kind if name in merged else first[1]
+        same: list[tuple[int, list[Any]]] = []
+        for worker_id, entry in entries:
+            if entry[1] != kind:
+                conflict(name, kind, entry[1], worker_id)
             else:
-                family = found
-            samples = family.samples
-            how = "sum" if kind in SUMMED else family.mode
-            for i in range(0, len(flat), 3):
-                value = _value(flat[i + 2])
-                if how == "all":
-                    labels = flat[i + 1]
-                    if '{worker="' not in labels and ',worker="' not in labels:
-                        labels = f"{{{label}}}" if not labels else f"{labels[:-1]},{label}}}"
-                    samples[flat[i], labels] = value
-                    continue
-                key = (flat[i], flat[i + 1])
-                prior = samples.get(key)
-                if prior is None or how == "mostrecent":
-                    samples[key] = value
-                elif how == "sum":
-                    samples[key] = prior + value
-                elif how == "max":
-                    samples[key] = max(prior, value)
-                else:
-                    samples[key] = min(prior, value)
-    return families
+                same.append((worker_id, entry))
+        if not same:
+            continue
+        family = merged.get(name)
+        if family is None:
+            family = merged[name] = Family(kind, same[0][1][2], same[0][1][3])
+        how = "sum" if kind in SUMMED else family.mode
+        family.samples = _combine(how, same)
+    for name, kept in retired.items():
+        samples = merged[name].samples
+        for key, value in kept.samples.items():
+            samples[key] = samples.get(key, 0.0) + value
+    return merged
 
 
-def retire(retired: dict[str, Family], snap: list[list[Any]]) -> None:
-    """Add the counters, histograms and summaries of an exited worker's last *snap* to
-    *retired*, the totals kept for workers that are gone."""
-    for name, kind, help_text, _mode, flat in snap:
+_FOLD: dict[str, Callable[[Any], float]] = {"sum": math.fsum, "max": max, "min": min}
+
+
+def _combine(how: str, entries: list[tuple[int, list[Any]]]) -> dict[str, float]:
+    """One family's samples across workers, by *how*: ``all`` (each worker's own, with a
+    ``worker`` label), ``sum``, ``max``, ``min`` or ``mostrecent`` (the newest worker's)."""
+    if how == "all":
+        samples: dict[str, float] = {}
+        for worker_id, family in entries:
+            label = f'worker="{worker_id}"'
+            for key, value in zip(family[4], family[5], strict=False):
+                samples[_with_label(key, label)] = value
+        return samples
+    if how == "mostrecent":
+        samples = {}
+        for _, family in entries:
+            samples.update(zip(family[4], family[5], strict=False))
+        return samples
+    fold = _FOLD.get(how, math.fsum)
+    keys = entries[0][1][4]
+    if all(f[4] is keys or f[4] == keys for _, f in entries):  # the usual case: C loops
+        columns = zip(*(f[5] for _, f in entries), strict=False)
+        return dict(zip(keys, map(fold, columns), strict=False))
+    gathered: dict[str, list[float]] = {}
+    for _, family in entries:
+        for key, value in zip(family[4], family[5], strict=False):
+            gathered.setdefault(key, []).append(value)
+    return {key: fold(values) for key, values in gathered.items()}
+
+
+def _with_label(key: str, label: str) -> str:
+    """*key* (``name`` or ``name{…}``) with *label* added, unless it has a ``worker``."""
+    brace = key.find("{")
+    if brace < 0:
+        return f"{key}{{{label}}}"
+    if '{worker="' in key or ',worker="' in key:
+        return key
+    return f"{key[:-1]},{label}}}"
+
+
+def retire(retired: dict[str, Family], families: list[list[Any]]) -> None:
+    """Add the counters, histograms and summaries of an exited worker's last *families*
+    to *retired*, the totals kept for workers that are gone."""
+    for name, kind, help_text, _mode, keys, values in families:
         if kind not in SUMMED:
             continue
         family = retired.get(name)
@@ -221,9 +376,8 @@ def retire(retired: dict[str, Family], snap: list[list[Any]]) -> None:
         elif family.kind != kind:
             continue
         samples = family.samples
-        for i in range(0, len(flat), 3):
-            key = (flat[i], flat[i + 1])
-            samples[key] = samples.get(key, 0.0) + _value(flat[i + 2])
+        for key, value in zip(keys, values, strict=False):
+            samples[key] = samples.get(key, 0.0) + value
 
 
 def render(families: dict[str, Family], openmetrics: bool) -> str:
@@ -239,10 +393,11 @@ def render(families: dict[str, Family], openmetrics: bool) -> str:
                 name + "_info" if kind == "info" else name)
             doc = family.help.replace("\\", "\\\\").replace("\n", "\\n")
             out.append(f"# HELP {shown} {doc}\n# TYPE {shown} {_TEXT_TYPES.get(kind, 'untyped')}\n")
-        for (sample, labels), value in family.samples.items():
-            number = repr(value) if type(value) is float and math.isfinite(value) else (
-                _number(value))
-            out.append(f"{sample}{labels} {number}\n")
+        for key, value in family.samples.items():
+            if math.isfinite(value):
+                out.append(f"{key} {value!r}\n")
+            else:
+                out.append(f"{key} {_number(value)}\n")
     if openmetrics:
         out.append("# EOF\n")
     return "".join(out)
@@ -303,7 +458,8 @@ class Metrics:
         self._task: asyncio.Task[None] | None = None  # held: a task nobody holds is collected
         self._connections: set[_Http] = set()
         self._started = time.monotonic()
-        self._last: dict[int, list[list[Any]]] = {}  # live worker id → last snapshot
+        #: live worker id → (number of its last answer, its families)
+        self._last: dict[int, tuple[int, list[list[Any]]]] = {}
         self._retired: dict[str, Family] = {}  # totals of exited workers
         self._collecting: asyncio.Future[None] | None = None
         self._conflicts: set[tuple[str, str, str]] = set()
@@ -406,9 +562,9 @@ class Metrics:
             self._count("restarts", why)
 
     def _on_exit(self, worker: Worker, code: int | None, signal: str | None) -> None:
-        snap = self._last.pop(worker.id, None)
-        if snap is not None:
-            retire(self._retired, snap)
+        kept = self._last.pop(worker.id, None)
+        if kept is not None:
+            retire(self._retired, kept[1])
         master = self._master
         killed = worker.id in self._watchdog_killed
         self._watchdog_killed.discard(worker.id)
@@ -436,8 +592,11 @@ class Metrics:
 
     def _on_final(self, worker: Worker, data: Any) -> bool:
         """A worker's last values, sent as it exits: they replace its last snapshot."""
-        if isinstance(data, dict) and isinstance(data.get("final"), list) and not worker.is_dead():
-            self._last[worker.id] = data["final"]
+        if isinstance(data, dict) and "final" in data and not worker.is_dead():
+            try:
+                self._last[worker.id] = (-1, resolve(None, data["final"]))
+            except (ValueError, TypeError) as exc:
+                log.warning("worker %d sent unreadable final metrics: %s", worker.id, exc)
         return True
 
     # -- answering -------------------------------------------------------------------
@@ -466,8 +625,8 @@ class Metrics:
         await asyncio.shield(self._collecting)
         master = self._master
         assert master is not None
-        answers = sorted((wid, snap) for wid, snap in self._last.items()
-                         if wid in master.workers)
+        answers = [(wid, kept[1]) for wid, kept in sorted(self._last.items())
+                   if wid in master.workers]
         families = self._own_series()
         families.update(merge(self._retired, answers, self._conflict))
         return render(families, openmetrics)
@@ -482,8 +641,10 @@ class Metrics:
         for worker in list(master.workers.values()):
             if worker.state is WorkerState.NONE or not worker.is_connected():
                 continue
+            kept = self._last.get(worker.id)
+            data = {"have": kept[0]} if kept else None
             try:
-                asked[channel.request(worker, None, timeout=self.timeout)] = worker
+                asked[channel.request(worker, data, timeout=self.timeout)] = worker
             except ChannelClosedError:
                 self._count("missed", "gone")
         if not asked:
@@ -496,8 +657,18 @@ class Metrics:
                 continue
             error = future.exception()
             if error is None:
-                if not worker.is_dead():  # its exit already kept the last values
-                    self._last[worker.id] = future.result()
+                if worker.is_dead():  # its exit already kept the last values
+                    continue
+                kept = self._last.get(worker.id)
+                answer = future.result()
+                try:
+                    families = resolve(kept[1] if kept else None, answer)
+                except (ValueError, TypeError) as exc:
+                    self._count("missed", "error")
+                    log.warning("worker %d sent unreadable metrics: %s", worker.id, exc)
+                    self._last.pop(worker.id, None)  # the next answer is whole again
+                    continue
+                self._last[worker.id] = (answer["n"], families)
             elif isinstance(error, RequestError) and error.timed_out:
                 self._count("missed", "timeout")
             elif worker.is_dead() or not worker.is_connected():
@@ -520,14 +691,14 @@ class Metrics:
         assert master is not None
         families: dict[str, Family] = {}
 
-        def family(name: str, kind: str, help_text: str) -> dict[tuple[str, str], float]:
+        def family(name: str, kind: str, help_text: str) -> dict[str, float]:
             families[name] = Family(kind, help_text)
             return families[name].samples
 
         def counter(name: str, help_text: str, label: str, counts: dict[str, float]) -> None:
             samples = family(name, "counter", help_text)
             for value, count in counts.items():
-                samples[f"{name}_total", f'{{{label}="{value}"}}' if label else ""] = count
+                samples[f'{name}_total{{{label}="{value}"}}' if label else f"{name}_total"] = count
 
         states = family("pycluster_workers", "gauge", "Workers of this cluster, by state.")
         by_state = dict.fromkeys(("none", "online", "listening", "disconnecting",
@@ -539,7 +710,7 @@ class Metrics:
             if state in by_state:
                 by_state[state] += 1
         for state, count in by_state.items():
-            states["pycluster_workers", f'{{state="{state}"}}'] = count
+            states[f'pycluster_workers{{state="{state}"}}'] = count
         counter("pycluster_worker_restarts", "Workers replaced after an unexpected exit, "
                 "by why the old one died (signal, exit, watchdog).", "reason",
                 self._counts["restarts"])
@@ -569,17 +740,17 @@ class Metrics:
             label = f'{{worker="{worker.id}"}}'
             kib, seconds = _procfs.rss_kib(pid), _procfs.cpu_seconds(pid)
             if kib is not None:
-                rss["pycluster_worker_resident_memory_bytes", label] = kib * 1024.0
+                rss[f"pycluster_worker_resident_memory_bytes{label}"] = kib * 1024.0
             if seconds is not None:
-                cpu["pycluster_worker_cpu_seconds_total", label] = seconds
+                cpu[f"pycluster_worker_cpu_seconds_total{label}"] = seconds
         me = os.getpid()
         kib, seconds = _procfs.rss_kib(me), _procfs.cpu_seconds(me)
         family("pycluster_master_resident_memory_bytes", "gauge", "Resident memory of the "
-               "master.")["pycluster_master_resident_memory_bytes", ""] = (kib or 0) * 1024.0
+               "master.")["pycluster_master_resident_memory_bytes"] = (kib or 0) * 1024.0
         family("pycluster_master_cpu_seconds", "counter", "User and system CPU seconds of "
-               "the master.")["pycluster_master_cpu_seconds_total", ""] = seconds or 0.0
+               "the master.")["pycluster_master_cpu_seconds_total"] = seconds or 0.0
         family("pycluster_master_uptime_seconds", "gauge", "Seconds since the metrics plugin "
-               "was made (the master's start).")["pycluster_master_uptime_seconds", ""] = (
+               "was made (the master's start).")["pycluster_master_uptime_seconds"] = (
             time.monotonic() - self._started)
         return families
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import DEADLINE, Proc, http_get, script, wait_until
 from pycluster.plugins import metrics
-from pycluster.plugins.metrics import Family, merge, parse_address, render, retire
+from pycluster.plugins.metrics import Family, merge, parse_address, render, resolve, retire
 
 from pycluster import SettingsError, cli
 from pycluster._procfs import live_children
@@ -128,58 +128,93 @@ def _value(text: str, series: str) -> float | None:
 # -- pure functions -----------------------------------------------------------------------
 
 
+def _answer(*families: list) -> list:
+    """Families as the master keeps them, from ``[name, kind, help, mode, {key: value}]``."""
+    return resolve(None, {"n": 1, "families": [
+        [n, k, h, m, list(samples), list(samples.values())] for n, k, h, m, samples in families]})
+
+
 def test_merge_sums_counters_keeps_exited_totals_and_applies_gauge_modes():
     """Counters and histograms are summed; an exited worker's totals stay; gauges are per
     worker by default and summed / maxed / minned / newest when declared."""
-    one = [["c", "counter", "C", "", ["c_total", '{p="a"}', 2.0]],
-           ["h", "histogram", "H", "", ["h_bucket", '{le="+Inf"}', 1.0, "h_count", "", 1.0]],
-           ["g", "gauge", "G", "", ["g", "", 5.0]],
-           ["s", "gauge", "S", "livesum", ["s", "", 1.0]],
-           ["m", "gauge", "M", "max", ["m", "", 3.0]],
-           ["n", "gauge", "N", "min", ["n", "", 3.0]],
-           ["r", "gauge", "R", "mostrecent", ["r", "", 3.0]]]
-    two = [["c", "counter", "C", "", ["c_total", '{p="a"}', 3.0, "c_total", '{p="b"}', 1.0]],
-           ["h", "histogram", "H", "", ["h_bucket", '{le="+Inf"}', 4.0, "h_count", "", 4.0]],
-           ["g", "gauge", "G", "", ["g", "", 7.0]],
-           ["s", "gauge", "S", "livesum", ["s", "", 1.0]],
-           ["m", "gauge", "M", "max", ["m", "", 9.0]],
-           ["n", "gauge", "N", "min", ["n", "", 9.0]],
-           ["r", "gauge", "R", "mostrecent", ["r", "", 9.0]]]
+    one = _answer(["c", "counter", "C", "", {'c_total{p="a"}': 2.0}],
+                  ["h", "histogram", "H", "", {'h_bucket{le="+Inf"}': 1.0, "h_count": 1.0}],
+                  ["g", "gauge", "G", "", {"g": 5.0}],
+                  ["s", "gauge", "S", "livesum", {"s": 1.0}],
+                  ["m", "gauge", "M", "max", {"m": 3.0}],
+                  ["n", "gauge", "N", "min", {"n": 3.0}],
+                  ["r", "gauge", "R", "mostrecent", {"r": 3.0}])
+    two = _answer(["c", "counter", "C", "", {'c_total{p="a"}': 3.0, 'c_total{p="b"}': 1.0}],
+                  ["h", "histogram", "H", "", {'h_bucket{le="+Inf"}': 4.0, "h_count": 4.0}],
+                  ["g", "gauge", "G", "", {"g": 7.0}],
+                  ["s", "gauge", "S", "livesum", {"s": 1.0}],
+                  ["m", "gauge", "M", "max", {"m": 9.0}],
+                  ["n", "gauge", "N", "min", {"n": 9.0}],
+                  ["r", "gauge", "R", "mostrecent", {"r": 9.0}])
     merged = merge({}, [(1, one), (2, two)], lambda *a: None)
-    assert merged["c"].samples == {("c_total", '{p="a"}'): 5.0, ("c_total", '{p="b"}'): 1.0}
-    assert merged["h"].samples[("h_count", "")] == 5.0
-    assert merged["g"].samples == {("g", '{worker="1"}'): 5.0, ("g", '{worker="2"}'): 7.0}
-    assert merged["s"].samples == {("s", ""): 2.0}
-    assert merged["m"].samples == {("m", ""): 9.0}
-    assert merged["n"].samples == {("n", ""): 3.0}
-    assert merged["r"].samples == {("r", ""): 9.0}
+    assert merged["c"].samples == {'c_total{p="a"}': 5.0, 'c_total{p="b"}': 1.0}
+    assert merged["h"].samples == {'h_bucket{le="+Inf"}': 5.0, "h_count": 5.0}
+    assert merged["g"].samples == {'g{worker="1"}': 5.0, 'g{worker="2"}': 7.0}
+    assert merged["s"].samples == {"s": 2.0}
+    assert merged["m"].samples == {"m": 9.0}
+    assert merged["n"].samples == {"n": 3.0}
+    assert merged["r"].samples == {"r": 9.0}
     retired: dict[str, Family] = {}
     retire(retired, one)  # worker 1 exits: its counters stay, its gauges go
     assert set(retired) == {"c", "h"}
     after = merge(retired, [(2, two)], lambda *a: None)
-    assert after["c"].samples[("c_total", '{p="a"}')] == 5.0
-    assert after["g"].samples == {("g", '{worker="2"}'): 7.0}
+    assert after["c"].samples == {'c_total{p="a"}': 5.0, 'c_total{p="b"}': 1.0}
+    assert after["g"].samples == {'g{worker="2"}': 7.0}
 
 
-def test_merge_reports_a_type_conflict_and_keeps_the_first_type():
-    """A name registered as a counter by one worker and a gauge by another: the first
-    type seen is kept, the other worker's family is left out and the conflict is told."""
-    told = []
-    merged = merge({}, [(1, [["x", "counter", "", "", ["x_total", "", 1.0]]]),
-                        (2, [["x", "gauge", "", "", ["x", "", 5.0]]])],
-                   lambda *args: told.append(args))
-    assert merged["x"].kind == "counter" and merged["x"].samples == {("x_total", ""): 1.0}
-    assert told == [("x", "counter", "gauge", 2)]
+def test_resolve_fills_in_the_keys_a_worker_left_out():
+    """A family whose keys did not change since the answer the master has comes without
+    them; the master fills them in, and refuses an answer it cannot complete."""
+    first = resolve(None, {"n": 1, "families": [["c", "counter", "", "", ["c_total"], [1.0]]]})
+    again = resolve(first, {"n": 2, "families": [["c", "counter", "", "", None, [4.0]]]})
+    assert again == [["c", "counter", "", "", ["c_total"], [4.0]]]
+    with pytest.raises(ValueError, match="do not match"):
+        resolve(None, {"n": 2, "families": [["c", "counter", "", "", None, [4.0]]]})
+    with pytest.raises(TypeError, match="not a metrics answer"):
+        resolve(None, "garbage")
+
+
+def test_worker_snapshot_reads_metrics_as_collect_would_and_leaves_out_known_keys():
+    """The worker's fast reading of Counters, Gauges and Histograms (labelled or not,
+    with escapes, set_function, large bounds) gives exactly the keys and values their
+    collect() gives; a second snapshot for a master that has the first sends no keys."""
+    import prometheus_client as pc
+
+    counter = pc.Counter("t_a", "A", ["x", "y"], registry=None)
+    counter.labels("1", 'q"\\').inc(3)
+    plain = pc.Counter("t_b", "B", registry=None)
+    plain.inc(2)
+    gauge = pc.Gauge("t_g", "G", ["x"], multiprocess_mode="max", registry=None)
+    gauge.labels("1").set(float("inf"))
+    function = pc.Gauge("t_f", "F", registry=None)
+    function.set_function(lambda: 7)
+    histogram = pc.Histogram("t_h", "H", ["x"], buckets=(0.5, 1e7), registry=None)
+    histogram.labels("a").observe(3)
+    for metric in (counter, plain, gauge, function, histogram):
+        fast = metrics._fast_family(metric)
+        slow = metrics._families(metric.collect())[0]
+        assert fast is not None and fast[:3] == slow[:3] and fast[4:] == slow[4:]
+    assert metrics._fast_family(gauge)[3] == "max"
+    first = metrics.snapshot()
+    second = metrics.snapshot(first["n"])
+    assert second["n"] == first["n"] + 1
+    assert all(family[4] is None for family in second["families"])
+    assert metrics.snapshot(first["n"])["families"][0][4] is not None  # not the last one
 
 
 def test_render_text_and_openmetrics():
     """Text format names a counter family with ``_total`` and writes ``+Inf``/``NaN``;
     OpenMetrics names the family bare, escapes help and ends with ``# EOF``."""
     family = Family("counter", 'say "hi"\nthere')
-    family.samples[("c_total", '{a="1"}')] = 2.0
+    family.samples['c_total{a="1"}'] = 2.0
     gauge = Family("gauge", "g")
-    gauge.samples[("g", "")] = float("nan")
-    gauge.samples[("g", '{x="y"}')] = float("inf")
+    gauge.samples["g"] = float("nan")
+    gauge.samples['g{x="y"}'] = float("inf")
     text = render({"c": family, "g": gauge}, openmetrics=False)
     assert '# HELP c_total say "hi"\\nthere\n# TYPE c_total counter\nc_total{a="1"} 2.0\n' in text
     assert "g NaN\n" in text and 'g{x="y"} +Inf\n' in text
