@@ -141,10 +141,23 @@ def get(port: int, path: str = "/metrics", timeout: float = 30.0) -> tuple[int, 
             chunks = []
             while chunk := sock.recv(262144):
                 chunks.append(chunk)
-    except OSError:
+    except OSError:  # refused or reset: the server (or the worker serving it) died
         return 0, ""
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body.decode()
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():  # cut off: the server died meanwhile
+        return 0, ""
+    return int(parts[1]), body.decode()
+
+
+def ping(port: int) -> bool:
+    """Whether the app on 127.0.0.1:*port* answers one request with 200 (its first bytes)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
 
 
 def value(text: str, series: str) -> float | None:
@@ -261,9 +274,8 @@ def part_path(where: Path, rounds: int, seconds: int) -> list[str]:
             cmd += ["--metrics", f"127.0.0.1:{mport}"]
         env = env_for(where, COUNT="0" if kind == "bare" else "1")
         with running(cmd, env, cwd=where, stderr=open(os.devnull, "w")) as proc:
-            wait_for(lambda: len(live_children(proc.pid)) == 2 and get(port, "/")[0] == 200,
-                     "2 workers")
-            wait_for(lambda: all(get(port, "/")[0] == 200 for _ in range(20)), "warm")
+            wait_for(lambda: len(live_children(proc.pid)) == 2 and ping(port), "2 workers")
+            wait_for(lambda: all(ping(port) for _ in range(20)), "warm")
             stop = threading.Event()
 
             def scrape() -> None:
@@ -363,7 +375,7 @@ def part_kills(where: Path, kills: int) -> list[str]:
             genv = env_for(where, SPIN="1", PROMETHEUS_MULTIPROC_DIR=multiproc)
             started = time.monotonic()
             with running(cmd, genv, cwd=where, stderr=open(os.devnull, "w")) as proc:
-                wait_for(lambda: get(port)[0] == 200 and len(live_children(proc.pid)) == 2,
+                wait_for(lambda: ping(port) and len(live_children(proc.pid)) == 2,
                          "2 gunicorn workers")
                 first = measure_scrapes(port, proc.pid, proc.pid, 5)["ms"]
                 scraper = Scraper(port)
