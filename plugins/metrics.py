@@ -75,6 +75,7 @@ _MAX_HEAD = 16 * 1024
 #: answer can leave out keys the master already has).
 _sent: dict[str, Any] = {"n": 0, "keys": {}}
 _sent_lock = threading.Lock()
+_broken: set[int] = set()  # ids of collectors whose failure was logged
 
 
 def worker_side(worker: ThisWorker) -> None:
@@ -83,6 +84,7 @@ def worker_side(worker: ThisWorker) -> None:
     when the process exits normally."""
     channel = worker.channel(CHANNEL)
     channel.handle(_answer)
+    channel.send({"hello": 1})  # the master asks only workers that said it: they can answer
     atexit.register(_last_words, channel)
 
 
@@ -110,10 +112,9 @@ def snapshot(have: int | None = None) -> dict[str, Any]:
     has ``None`` for *keys*. No families if the app never imported prometheus_client;
     ``_created`` samples are left out (they do not merge).
     """
-    prom = sys.modules.get("prometheus_client")
+    registry = getattr(sys.modules.get("prometheus_client"), "REGISTRY", None)
     families: list[list[Any]] = []
-    if prom is not None:
-        registry = prom.REGISTRY
+    if registry is not None:  # None too while the app's thread is still importing it
         collectors = getattr(registry, "_collector_to_names", None)
         if isinstance(collectors, dict):
             with getattr(registry, "_lock", threading.Lock()):
@@ -122,8 +123,14 @@ def snapshot(have: int | None = None) -> dict[str, Any]:
                 family = _fast_family(collector)
                 if family is not None:
                     families.append(family)
-                else:
+                    continue
+                try:
                     families.extend(_families(collector.collect()))
+                except Exception:  # one broken collector must not cost the others
+                    if id(collector) not in _broken:  # said once per collector
+                        _broken.add(id(collector))
+                        log.exception("collector %r failed; its metrics are left out",
+                                      collector)
         else:  # another prometheus_client: its public collect()
             families.extend(_families(registry.collect()))
     with _sent_lock:
@@ -469,6 +476,7 @@ class Metrics:
             "watchdog": {"": 0.0}, "give_ups": {"": 0.0}, "messages": {"": 0.0},
             "missed": {"timeout": 0.0, "gone": 0.0, "error": 0.0}, "conflicts": {"": 0.0},
         }
+        self._hello: set[int] = set()  # workers whose metrics side is installed
         self._died: dict[int, str] = {}  # slot → why its last worker died unexpectedly
         self._watchdog_killed: set[int] = set()
 
@@ -485,6 +493,7 @@ class Metrics:
         self._master = master
         master.worker_setup("pycluster.plugins.metrics:worker_side")
         master.channel(CHANNEL).handle(self._on_final)
+        master.channel(CHANNEL).on("message", self._on_hello)
         master.on("setup", self._on_setup)
         master.on("fork", self._on_fork)
         master.on("exit", self._on_exit)
@@ -562,6 +571,7 @@ class Metrics:
             self._count("restarts", why)
 
     def _on_exit(self, worker: Worker, code: int | None, signal: str | None) -> None:
+        self._hello.discard(worker.id)
         kept = self._last.pop(worker.id, None)
         if kept is not None:
             retire(self._retired, kept[1])
@@ -589,6 +599,10 @@ class Metrics:
         for arg in args:
             if hasattr(arg, "slot") and hasattr(arg, "id"):
                 self._watchdog_killed.add(arg.id)
+
+    def _on_hello(self, worker: Worker, data: Any) -> None:
+        if not worker.is_dead():
+            self._hello.add(worker.id)
 
     def _on_final(self, worker: Worker, data: Any) -> bool:
         """A worker's last values, sent as it exits: they replace its last snapshot."""
@@ -639,8 +653,8 @@ class Metrics:
         channel = master.channel(CHANNEL)
         asked: dict[asyncio.Future[Any], Worker] = {}
         for worker in list(master.workers.values()):
-            if worker.state is WorkerState.NONE or not worker.is_connected():
-                continue
+            if worker.id not in self._hello or not worker.is_connected():
+                continue  # not ready to answer yet, or gone
             kept = self._last.get(worker.id)
             data = {"have": kept[0]} if kept else None
             try:
@@ -788,6 +802,9 @@ class _Http:
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
+        if len(self._buffer) > 16 * _MAX_HEAD and self._transport is not None:
+            self._transport.close()  # a client that sends without reading the answers
+            return
         if not self._busy:
             self._next()
 

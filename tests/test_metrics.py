@@ -32,6 +32,13 @@ APP = """
     ID = pc.Gauge("app_worker_id", "Each worker's id")
     if os.environ.get("CLASH"):  # odd workers say counter, even ones gauge
         (pc.Counter if me % 2 else pc.Gauge)("app_clash", "Two types under one name")
+    if os.environ.get("BROKEN"):  # a custom collector that raises at every scrape
+        class Broken:
+            def describe(self):
+                return []
+            def collect(self):
+                raise RuntimeError("broken collector")
+        pc.REGISTRY.register(Broken())
     if os.environ.get("SLOW_WORKER") == str(me):  # this worker's registry hangs once
         import time
         class Slow:
@@ -353,13 +360,16 @@ def test_metrics_port_in_use_is_a_boot_failure(tmp_path):
 
 def test_type_conflict_is_reported_once_and_the_scrape_answers(tmp_path):
     """Two workers registering one name with different types: every scrape answers 200,
-    the first type wins, the conflict is logged once and counted once."""
-    with _start(tmp_path, env={"CLASH": "1"}) as proc:
-        _, mport = _ports(proc)
+    the first type wins, the conflict is logged once and counted once. A collector that
+    raises is left out; the worker's other metrics still come."""
+    with _start(tmp_path, env={"CLASH": "1", "BROKEN": "1"}) as proc:
+        app, mport = _ports(proc)
+        http_get(app, path="/x")
         for _ in range(3):
             status, _, text = _get(mport)
             assert status == 200
         assert _value(text, "pycluster_metrics_conflicts_total") == 1
+        assert _value(text, 'app_requests_total{path="/x"}') == 1
         assert "# TYPE app_clash_total counter" in text or "# TYPE app_clash gauge" in text
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait() == 0
