@@ -175,7 +175,8 @@ def wait_for(predicate, what: str, timeout: float = 120.0) -> None:  # type: ign
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
+            msg = f"timed out waiting for {what}"
+            raise RuntimeError(msg)
         time.sleep(0.05)
 
 
@@ -386,14 +387,15 @@ def part_kills(where: Path, kills: int) -> list[str]:
                              and len(live_children(proc.pid)) == 2, f"gunicorn replacement {k}")
                 theirs = scraper.stop()
                 theirs["files"] = len(os.listdir(multiproc))
+                theirs["ms_before"] = first
                 theirs["slowdown"] = measure_scrapes(port, proc.pid, proc.pid, 5)["ms"] / first
             theirs["seconds"] = time.monotonic() - started
             say(f"   gunicorn: {theirs}")
     rows = [row(f"counter decreases, {kills} kills", ours["drops"],
                 theirs and theirs["drops"], "", "0 for pycluster", lambda r: True,
                 met=ours["drops"] == 0),
-            row("scrapes during the kills", ours["scrapes"], theirs and theirs["scrapes"],
-                "", "(no target)", None),
+            row("scrapes/s during the kills", ours["scrapes"] / ours["seconds"],
+                theirs and theirs["scrapes"] / theirs["seconds"], "/s", "(no target)", None),
             row("failed scrapes", ours["failed"], theirs and theirs["failed"], "",
                 "0 for pycluster", None, met=ours["failed"] == 0)]
     if theirs:
