@@ -451,7 +451,10 @@ class Metrics:
 
     name = "metrics"
 
-    def __init__(self, address: str, *, timeout: float = 3.0) -> None:
+    def __init__(self, address: str | None = None, *, timeout: float = 3.0) -> None:
+        if address is None:
+            msg = "the metrics plugin needs an address: master.use('metrics', address='HOST:PORT')"
+            raise SettingsError(msg)
         self.host, self.port = parse_address(address)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
                 math.isfinite(timeout) and timeout > 0):

@@ -465,3 +465,5 @@ def test_plugin_refuses_bad_options():
         metrics.Metrics("127.0.0.1:0", timeout=0)
     with pytest.raises(SettingsError, match="HOST:PORT"):
         metrics.Metrics("127.0.0.1")
+    with pytest.raises(SettingsError, match="needs an address"):
+        metrics.Metrics()
