@@ -501,7 +501,7 @@ class Metrics:
         master.on("fork", self._on_fork)
         master.on("exit", self._on_exit)
         master.on("message", self._on_message)
-        master.on("reloaded", lambda: self._count("reloads", "ok"))
+        master.on("reloaded", lambda *args: self._count("reloads", "ok"))
         master.on("reload_failed", lambda *args: self._count("reloads", "failed"))
         master.on("respawn_give_up", lambda *args: self._count("give_ups", ""))
         for event in RECYCLE_EVENTS:
