@@ -184,8 +184,7 @@ class Respawn:
     def _slot_taken(self, slot: int) -> bool:
         master = self._master
         assert master is not None
-        return any(w.slot == slot and not w.exited_after_disconnect
-                   for w in master.workers.values())
+        return any(w.slot == slot and w.is_active() for w in master.workers.values())
 
     def _replace(self, worker: Worker) -> None:
         master = self._master

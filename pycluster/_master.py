@@ -103,7 +103,7 @@ class Master(PluginHost):
             msg = f"slot={slot!r} must be an int >= 0 (the slot of the worker replaced)"
             raise SettingsError(msg)
         if slot is None:
-            taken = {w.slot for w in self._workers.values() if not w.exited_after_disconnect}
+            taken = {w.slot for w in self._workers.values() if w.is_active()}
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
         bind = self._bind_addresses()
         worker = Worker(self._next_id, slot=slot)

@@ -47,7 +47,7 @@ class ThisWorker(Worker):
         #: The master's ``bind`` addresses, each as ``listen()`` arguments:
         #: ``(port, host)`` or ``(path,)``. ``listen(*address)`` listens on one.
         self.bind: list[tuple[Any, ...]] = []
-        self.state = WorkerState.ONLINE
+        self.state = self.state.to(WorkerState.ONLINE)  # it said so as it connected
         self._master_pid = master_pid
         self._sock = sock
         self._serialization = serialization
