@@ -96,7 +96,7 @@ class Watchdog:
         self._channel = master.channel(CHANNEL)
         self._channel.on("message", self._on_hello)
         master.on("exit", self._on_exit)
-        self._timer = master.call_every(min(1.0, self.timeout / 4), self._check)
+        self._timer = master.call_every(min(1.0, self.timeout / 8), self._check)
 
     def uninstall(self, master: Master) -> None:
         """Stop checking (workers keep beating; nothing reads it)."""
