@@ -167,10 +167,10 @@ class Recycle:
         if not isinstance(data, dict):
             return
         if "hello" in data:  # the worker-side hook is ready for its limit
-            limit = self.max_requests + random.randint(0, self.max_requests_jitter)
-            self._limits[worker.id] = limit
+            given = self.max_requests + random.randint(0, self.max_requests_jitter)
+            self._limits[worker.id] = given
             if worker.is_connected():
-                self._channel.send(worker, {"max_requests": limit})
+                self._channel.send(worker, {"max_requests": given})
             return
         count = data.get("requests")
         limit = self._limits.get(worker.id)
