@@ -202,6 +202,7 @@ class Recycling:
     errors: int
     non_2xx: int
     failed_recycles: int
+    report: str = ""
 
     def line(self) -> str:
         per = (self.errors + self.non_2xx) / self.recycles if self.recycles else float("nan")
@@ -253,7 +254,7 @@ def recycle_trial(name: str, cmd: list[str], port: int, recycles: int, cap: floa
             msg = f"{name} exited during the load:\n{log.text()[-3000:]}"
             raise RuntimeError(msg)
     requests, errors, non_2xx = parse_wrk(report)
-    return Recycling(name, done, seconds, requests, errors, non_2xx, failed)
+    return Recycling(name, done, seconds, requests, errors, non_2xx, failed, report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recycles", type=int, default=50, help="recycles under wrk")
     parser.add_argument("--max-requests", type=int, default=1000)
     parser.add_argument("--jitter", type=int, default=100)
-    parser.add_argument("--cap", type=float, default=120.0, help="most seconds of wrk per server")
+    parser.add_argument("--cap", type=float, default=240.0, help="most seconds of wrk per server")
     args = parser.parse_args(argv)
     try:
         import gunicorn  # noqa: F401
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     say("watchdog: pycluster")
     rows.append(watchdog_trial(
         "pycluster", ours(port, "--timeout", t), port, args.timeout,
-        lambda line: "sent no heartbeat" in line,
+        lambda line: "is hung" in line,
         lambda line: "listening on" in line))
     if gunicorn_ok:
         port = free_port()
@@ -337,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'non-2xx':>7} {'failed/recycle':>14}")
     for result in results:
         print(result.line(), flush=True)
+    for result in results:
+        kinds = re.search(r"Socket errors: (.*)", result.report)
+        latency = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)", result.report)
+        print(f"   {result.name}: socket errors {kinds[1] if kinds else 'none'}; latency avg "
+              f"{latency[1] if latency else '?'}, max {latency[3] if latency else '?'}")
     mine = results[0]
     met = mine.errors == 0 and mine.non_2xx == 0 and mine.recycles >= args.recycles
     if len(results) > 1:

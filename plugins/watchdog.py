@@ -126,10 +126,10 @@ class Watchdog:
             asyncio.ensure_future(self._kill(worker, now - last))
 
     async def _kill(self, worker: Worker, silent_for: float) -> None:
-        log.error("worker %d (pid %s) sent no heartbeat for %.1f s (timeout %g s): "
-                  "it is hung; asking for its stacks, then %s", worker.id, worker.pid,
-                  silent_for, self.timeout, self.signal,
-                  extra={"worker_id": worker.id, "pid": worker.pid, "event": "watchdog"})
+        extra = {"worker_id": worker.id, "pid": worker.pid, "event": "watchdog"}
+        log.warning("worker %d (pid %s) sent no heartbeat for %.1f s (timeout %g s); asking "
+                    "for its stacks", worker.id, worker.pid, silent_for, self.timeout,
+                    extra=extra)
         stacks: str | None = None
         why = ""
         try:
@@ -139,22 +139,26 @@ class Watchdog:
                    "the GIL?" if exc.timed_out else str(exc))
         except pycluster.ChannelClosedError as exc:
             why = str(exc)
-        extra = {"worker_id": worker.id, "pid": worker.pid, "event": "watchdog"}
-        if stacks is None:
-            log.error("worker %d (pid %s): no stacks (%s)", worker.id, worker.pid, why,
-                      extra=extra)
-        else:
-            log.error("worker %d (pid %s) hung here, every thread:\n%s", worker.id,
-                      worker.pid, stacks.rstrip("\n"), extra=extra)
         if worker.is_dead():
             return
+        # The answer came through the channel after any heartbeat the worker wrote before
+        # it: a worker that beat meanwhile was only waiting for a slow master.
         recovered = worker.last_heartbeat is not None and (
             time.monotonic() - worker.last_heartbeat <= self.timeout)
         if recovered or not worker.is_active():
-            log.warning("worker %d (pid %s) %s while its stacks were asked for; not killing it",
-                        worker.id, worker.pid, "beat again" if recovered else "is leaving")
+            log.warning("worker %d (pid %s) %s; not killing it", worker.id, worker.pid,
+                        "beat again (its heartbeats were waiting for a slow master)"
+                        if recovered else "is leaving", extra=extra)
             self._killing.discard(worker.id)
             return
+        if stacks is None:
+            log.error("worker %d (pid %s) is hung: sent no heartbeat for %.1f s (timeout %g "
+                      "s); no stacks (%s); %s", worker.id, worker.pid, silent_for,
+                      self.timeout, why, self.signal, extra=extra)
+        else:
+            log.error("worker %d (pid %s) is hung: sent no heartbeat for %.1f s (timeout %g "
+                      "s); %s; every thread:\n%s", worker.id, worker.pid, silent_for,
+                      self.timeout, self.signal, stacks.rstrip("\n"), extra=extra)
         self.kills += 1
         assert self._master is not None
         self._master.emit("watchdog_kill", worker, stacks)
