@@ -341,7 +341,8 @@ def test_max_requests_replaces_the_worker_replacement_first_then_drain(tmp_path)
     """A worker that reached its request limit is recycled: ``recycle(worker, reason)``,
     its replacement is forked in its slot and listens, and only then is the old worker
     disconnected; it exits 0 after disconnect and is not respawned; capacity (the number
-    of listening workers) never drops. Limits with jitter lie in [N, N + J]."""
+    of listening workers) never drops. Limits with jitter lie in [N, N + J]; the master can
+    ask a worker's count on the plugin's channel."""
     master = make(tmp_path, counting_worker(5)).use("respawn")
     plugin = Recycle(max_requests=3, max_requests_jitter=1)
     master.use(plugin)
@@ -358,8 +359,11 @@ def test_max_requests_replaces_the_worker_replacement_first_then_drain(tmp_path)
     master.on("disconnect", count_listening)
     first, second = master.fork(), master.fork()
     limits: list[int | None] = []
+    served: list[dict] = []
 
     async def scenario(r: Running):
+        await r.until(lambda: plugin.limit(second), "worker 2's limit given")
+        served.append(await master.channel("recycle").request(second, {}))
         await r.until(lambda: first.is_dead(), "worker 1 recycled")
         limits.extend(plugin.limit(w) for w in master.workers.values())
         master.stop()
@@ -379,6 +383,7 @@ def test_max_requests_replaces_the_worker_replacement_first_then_drain(tmp_path)
     report = next(m for w, m in events.of("message") if "counted" in m)
     assert report["counted"] == 5 and report["limit"] in (3, 4)
     assert second.exit_code == 0
+    assert served == [{"requests": 0}]  # what the master can poll: worker 2 counted none
 
 
 @pytest.mark.parametrize("limit", [{"max_age": 0.3}, {"max_memory": 1}])
