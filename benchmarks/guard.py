@@ -316,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
            and first.failed == 0)
     if len(rows) > 1 and rows[1].replaced and first.replaced:
         print(f"   replaced after, pycluster/gunicorn: {first.replaced / rows[1].replaced:.2f}x")
+    boots = [f"{row.name} {row.replaced - row.killed:.2f} s" for row in rows
+             if row.replaced is not None and row.killed is not None]
+    print(f"   from the kill to the replacement up: {', '.join(boots)} (pycluster boots a fresh "
+          "interpreter and reports listening; gunicorn forks its warm arbiter and logs "
+          "Booting worker before the app is imported)")
 
     if missing("wrk"):
         say("wrk is not installed: no recycling figure")
