@@ -459,6 +459,9 @@ class ThisWorker(Worker):
             stacks = format_stacks()
         except Exception as exc:  # never let a formatting problem end the IPC thread
             stacks = f"(the stacks could not be formatted: {exc!r})"
+        room = self._limit // 8  # JSON escapes grow it; over the limit ends the channel
+        if len(stacks) > room:
+            stacks = stacks[:room] + "\n(cut: the stacks were longer than the message limit)\n"
         self._answer(ctl.get("seq"), {"stacks": stacks})
 
     def _on_plugin(self, ctl: dict[str, Any], fds: collections.deque[int]) -> None:

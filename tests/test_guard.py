@@ -506,3 +506,37 @@ def test_cli_timeout_and_max_requests_end_to_end(tmp_path):
         assert http_get(port).endswith(b"ok\n")
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait() == 0
+
+
+def test_stacks_longer_than_the_message_limit_are_cut_not_fatal(tmp_path):
+    """A worker whose stacks are longer than the channel's message limit answers a cut
+    text that says so, and its channel stays open (the next request is answered too)."""
+    body = """
+        import threading, pycluster
+        w = pycluster.worker
+        stop = threading.Event()
+        w.on("disconnect", stop.set)
+
+        def deep(n):
+            if n == 0:
+                w.send("deep")
+                stop.wait(60)
+                return
+            deep(n - 1)
+
+        deep(200)
+    """
+    master = make(tmp_path, body, max_message_size=4096)
+    events = Events(master)
+    worker = master.fork()
+    got: list[str] = []
+
+    async def scenario(r: Running):
+        await r.until(lambda: events.of("message"), "the worker deep in its stack")
+        got.append(await worker.stacks(5.0))
+        got.append(await worker.stacks(5.0))
+        master.stop()
+
+    assert drive(master, scenario) == 0
+    assert all("(cut: the stacks were longer than the message limit)" in text for text in got)
+    assert not events.of("error")
