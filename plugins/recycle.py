@@ -14,36 +14,11 @@ from typing import Any
 import pycluster
 from pycluster import Master, SettingsError, Worker
 
-__all__ = ["Recycle", "rss_bytes", "worker_setup"]
+from .guard_hooks import RECYCLE as CHANNEL
+
+__all__ = ["Recycle", "rss_bytes"]
 
 log = logging.getLogger("pycluster.recycle")
-
-#: The plugin channel: the master sends each worker its request limit; a worker that
-#: reaches it says so; the master may ask a worker how many requests it served.
-CHANNEL = "recycle"
-
-
-def worker_setup(worker: pycluster.ThisWorker) -> None:
-    """The worker-side half: ask for this worker's request limit and take it, report
-    reaching it (``pycluster.worker.count_request()`` counts), answer count polls.
-
-    The worker asks (rather than the master pushing at ``online``) because a push that
-    arrives before this hook opened the channel would find no channel to take it.
-    """
-    channel = worker.channel(CHANNEL)
-
-    def configure(data: Any) -> None:
-        if isinstance(data, dict) and "max_requests" in data:
-            worker.max_requests = data["max_requests"]
-
-    def reached(count: int) -> None:
-        if worker.is_connected():
-            channel.send({"requests": count})
-
-    channel.on("message", configure)
-    channel.handle(lambda data: {"requests": worker.requests})
-    worker.on("max_requests", reached)
-    channel.send({"hello": 1})
 
 
 def rss_bytes(pid: int | None) -> int | None:
@@ -141,7 +116,7 @@ class Recycle:
         self._master = master
         self._channel = master.channel(CHANNEL)
         if self.max_requests:
-            master.worker_setup("pycluster.plugins.recycle:worker_setup")
+            master.worker_setup("pycluster.plugins.guard_hooks:recycle")
             self._channel.on("message", self._on_push)
         master.on("exit", self._on_exit)
         self._timer = master.call_every(self.check_interval, self._tick)

@@ -13,29 +13,11 @@ from typing import Any
 import pycluster
 from pycluster import Master, RequestError, SettingsError, Worker
 
-__all__ = ["Watchdog", "worker_setup"]
+from .guard_hooks import WATCHDOG as CHANNEL
+
+__all__ = ["Watchdog"]
 
 log = logging.getLogger("pycluster.watchdog")
-
-#: The plugin channel on which the master tells each worker its heartbeat interval.
-CHANNEL = "watchdog"
-
-
-def worker_setup(worker: pycluster.ThisWorker) -> None:
-    """The worker-side half: ask for the heartbeat interval on the ``watchdog`` channel
-    and take it when it comes (from then on an attached loop beats by itself).
-
-    The worker asks (rather than the master pushing at ``online``) because a push that
-    arrives before this hook opened the channel would find no channel to take it.
-    """
-    channel = worker.channel(CHANNEL)
-
-    def configure(data: Any) -> None:
-        interval = data.get("interval") if isinstance(data, dict) else None
-        worker.heartbeat_interval = interval
-
-    channel.on("message", configure)
-    channel.send({"hello": 1})
 
 
 class Watchdog:
@@ -92,7 +74,7 @@ class Watchdog:
     def install(self, master: Master) -> None:
         """Have *master*'s workers beat, and check their heartbeats periodically."""
         self._master = master
-        master.worker_setup("pycluster.plugins.watchdog:worker_setup")
+        master.worker_setup("pycluster.plugins.guard_hooks:watchdog")
         self._channel = master.channel(CHANNEL)
         self._channel.on("message", self._on_hello)
         master.on("exit", self._on_exit)
