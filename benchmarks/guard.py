@@ -115,19 +115,22 @@ class Client:
     port: int
     threads: int = 4
     outcomes: list[tuple[float, bool]] = field(default_factory=list)
+    failures: list[tuple[float, str]] = field(default_factory=list)
     _halt: threading.Event = field(default_factory=threading.Event)
 
     def _loop(self) -> None:
         request = f"GET / HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode()
         while not self._halt.is_set():
-            ok = False
+            ok, why = False, "not a 200"
             try:
                 with socket.create_connection((HOST, self.port), timeout=5) as sock:
                     sock.sendall(request)
                     ok = _answered(sock)
-            except OSError:
-                pass
+            except OSError as exc:
+                why = type(exc).__name__
             self.outcomes.append((time.monotonic(), ok))
+            if not ok:
+                self.failures.append((time.monotonic(), why))
 
     def __enter__(self) -> Client:
         self._workers = [threading.Thread(target=self._loop, daemon=True)
@@ -156,6 +159,7 @@ class Watchdog:
     requests: int
     failed: int
     timeout: float
+    failures: str = ""
 
     def line(self) -> str:
         def secs(value: float | None) -> str:
@@ -190,9 +194,12 @@ def watchdog_trial(name: str, cmd: list[str], port: int, timeout: float,
         blocker.close()
         requests, failed = client.since(start)
         text = log.text(start)
+    at_kill = killed[0] if killed else start
+    why = ", ".join(f"{kind} {at - at_kill:+.2f} s from the kill"
+                    for at, kind in client.failures if at >= start)
     return Watchdog(name, killed[0] - start if killed else None,
                     up[0] - start if up else None, "slow_handler" in text, requests, failed,
-                    timeout)
+                    timeout, why)
 
 
 @dataclass
@@ -311,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'other requests':>14} {'failed':>7}")
     for row in rows:
         print(row.line(), flush=True)
+    for row in rows:
+        if row.failures:
+            print(f"   {row.name} failed requests by kind: {row.failures}")
     first = rows[0]
     ok &= (first.replaced is not None and first.replaced <= args.timeout + 1 and first.named
            and first.failed == 0)
