@@ -125,10 +125,12 @@ def test_a_worker_that_never_beats_is_not_watched(tmp_path):
     assert (worker.exit_code, worker.last_heartbeat) == (0, None)
 
 
-def test_sync_app_beats_cheaply_then_hangs_ignoring_sigterm_and_is_killed(tmp_path):
+@pytest.mark.parametrize("kill_with", ["SIGKILL", "SIGABRT"])
+def test_sync_app_beats_cheaply_then_hangs_ignoring_sigterm_and_is_killed(tmp_path, kill_with):
     """A synchronous app calling ``heartbeat()`` in a tight loop writes at most a frame
     per interval (calling it per request costs nothing); when it then hangs in a function
-    of its own while ignoring SIGTERM, it is killed anyway, with that function named."""
+    of its own while ignoring SIGTERM, it is killed anyway (with the watchdog's *signal*),
+    with that function named."""
     body = """
         import signal, time, pycluster
         w = pycluster.worker
@@ -148,7 +150,7 @@ def test_sync_app_beats_cheaply_then_hangs_ignoring_sigterm_and_is_killed(tmp_pa
 
         blocked_in_sync_code()
     """
-    master = make(tmp_path, body).use("watchdog", timeout=1.0)
+    master = make(tmp_path, body).use("watchdog", timeout=1.0, signal=kill_with)
     kills = Kills(master)
     events = Events(master)
     worker = master.fork()
@@ -157,7 +159,7 @@ def test_sync_app_beats_cheaply_then_hangs_ignoring_sigterm_and_is_killed(tmp_pa
     assert 1 <= report["writes"] <= 3, report
     [(killed, stacks)] = kills.seen
     assert killed is worker and "blocked_in_sync_code" in stacks
-    assert worker.signal_code == "SIGKILL"
+    assert worker.signal_code == kill_with
 
 
 def test_hang_in_c_code_holding_the_gil_is_killed_though_no_stacks_come(tmp_path, caplog):
