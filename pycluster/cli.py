@@ -111,6 +111,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--timeout", type=float, default=0.0, metavar="S",
+                     help="kill (after logging its stacks) a worker whose app sent no "
+                          "heartbeat for S seconds; respawn replaces it (default 0: off)")
+    run.add_argument("--max-requests", type=int, default=0, metavar="N",
+                     help="replace a worker gracefully after N requests, as counted by "
+                          "pycluster.worker.count_request() (default 0: off)")
+    run.add_argument("--max-requests-jitter", type=int, default=0, metavar="J",
+                     help="each worker's limit is N plus up to J more, at random")
+    run.add_argument("--max-memory", type=float, default=0.0, metavar="MIB",
+                     help="replace a worker gracefully once its RSS is over MIB MiB "
+                          "(default 0: off)")
+    run.add_argument("--max-age", type=float, default=0.0, metavar="S",
+                     help="replace a worker gracefully after S seconds (default 0: off)")
     run.add_argument("--name", metavar="NAME",
                      help="the cluster's name, shown by ps in the process titles "
                           "(default: from APP)")
@@ -172,12 +185,19 @@ def _run(options: argparse.Namespace) -> int:
     if options.kill_timeout < 0 or not math.isfinite(options.kill_timeout):
         msg = f"--kill-timeout {options.kill_timeout} must be a number of seconds >= 0"
         raise _UsageError(msg)
+    _check_guards(options)
     settings["name"] = options.name or default_name(app)
     master = Master(**settings)
     master.use("logging", format=options.log_format)
     if not options.no_respawn:
         master.use("respawn")
     master.use("reload")
+    if options.timeout:
+        master.use("watchdog", timeout=options.timeout)
+    if options.max_requests or options.max_memory or options.max_age:
+        master.use("recycle", max_requests=options.max_requests,
+                   max_requests_jitter=options.max_requests_jitter,
+                   max_memory=options.max_memory, max_age=options.max_age)
     for name in options.plugin:
         master.use(name)
     listened: list[bool] = []
@@ -198,6 +218,24 @@ def _run(options: argparse.Namespace) -> int:
         print("pycluster: warning: every worker exited without listening; does "
               f"{app!r} call pycluster.worker.listen()?", file=sys.stderr)
     return code
+
+
+def _check_guards(options: argparse.Namespace) -> None:
+    """Usage errors for the watchdog and recycling options, by their command-line names."""
+    for flag, value in (("--timeout", options.timeout), ("--max-memory", options.max_memory),
+                        ("--max-age", options.max_age)):
+        if not math.isfinite(value) or value < 0:
+            unit = "MiB" if flag == "--max-memory" else "seconds"
+            msg = f"{flag} {value:g} must be a number of {unit} >= 0 (0 = off)"
+            raise _UsageError(msg)
+    for flag, count in (("--max-requests", options.max_requests),
+                        ("--max-requests-jitter", options.max_requests_jitter)):
+        if count < 0:
+            msg = f"{flag} {count} must be a whole number >= 0 (0 = off)"
+            raise _UsageError(msg)
+    if options.max_requests_jitter and not options.max_requests:
+        msg = "--max-requests-jitter needs --max-requests (the jitter is added to it)"
+        raise _UsageError(msg)
 
 
 def default_name(app: str) -> str:
