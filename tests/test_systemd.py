@@ -266,6 +266,35 @@ def test_bind_fd_adopts_a_passed_socket(tmp_path):
         sock.close()
 
 
+def test_socket_activation_of_a_unix_socket(tmp_path):
+    """An inherited unix socket (a ListenStream=/path unit) is adopted too: the worker
+    answers on its path, and the master leaves the socket file in place when it stops
+    (it belongs to systemd, not to us)."""
+    app = script(tmp_path, APP, "app.py")
+    launcher = script(tmp_path, LAUNCHER, "launcher.py")
+    path = str(tmp_path / "app.sock")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)
+    sock.listen(64)
+    try:
+        argv = [launcher, str(sock.fileno()), "self", app, "-w", "1"]
+        with Proc(argv, cwd=tmp_path, pass_fds=(sock.fileno(),), read_stderr=True) as proc:
+            proc.expect_err(lambda line: f"listening on {path}" in line, "the worker listening")
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(DEADLINE)
+                client.connect(path)
+                client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                answer = b""
+                while chunk := client.recv(4096):
+                    answer += chunk
+            assert b"worker 1 leaked []" in answer
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait() == 0
+        assert os.path.exists(path)
+    finally:
+        sock.close()
+
+
 def test_listen_pid_of_another_process_is_ignored_with_a_warning(tmp_path):
     """LISTEN_PID naming another process: the inherited socket is not adopted (as
     sd_listen_fds does), a warning says so, and the --bind address is used."""
