@@ -118,6 +118,29 @@ def test_notify_ready_reloading_ready_stopping_in_order(tmp_path, notify):
     assert kinds == ["READY", "RELOADING", "READY", "STOPPING"]
 
 
+def test_a_failed_reload_still_ends_with_ready(tmp_path, notify):
+    """A reload whose replacement dies while booting: after RELOADING=1 comes READY=1
+    again (the old worker still serves, so ``systemctl reload`` does not hang), with a
+    STATUS line saying the reload failed and why."""
+    app = script(tmp_path, "import os, pycluster\n"
+                           "if pycluster.worker.id > 1:\n"
+                           "    raise SystemExit(3)\n" + APP.replace("\n    ", "\n").strip()
+                 + "\n", "app.py")
+    argv = ["-m", "pycluster", "run", app, "-w", "1", "-b", "127.0.0.1:0", "--kill-timeout", "10"]
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    with Proc(argv, cwd=tmp_path, env=env, read_stderr=True) as proc:
+        notify.next("READY=1", lambda m: "READY" in m)
+        port = _port_of(proc)
+        os.kill(proc.pid, signal.SIGHUP)
+        notify.next("RELOADING=1", lambda m: "RELOADING" in m)
+        again = notify.next("READY=1 after the failed reload", lambda m: "READY" in m)
+        assert again["STATUS"].startswith("reload failed: replacement worker 2 died")
+        assert again["STATUS"].endswith("1 worker(s) serving")
+        assert b"worker 1" in http_get(port)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait() == 0
+
+
 def test_watchdog_pings_at_half_the_interval_and_a_worker_death_is_a_status(tmp_path, notify):
     """With WATCHDOG_USEC set (and WATCHDOG_PID unset), the master sends WATCHDOG=1 while
     its loop turns; a worker that dies unexpectedly is reported on a STATUS line."""
