@@ -116,6 +116,7 @@ def measure(label: str, argv: list[str], orphans: int, fifo: Path, in_namespace:
         gone_ms: float | None = None
         if adopted:
             def settled() -> bool:
+                release(fifo)  # again: an orphan may reach its open() after the first
                 rest = set(children(master)) - {worker}
                 return all(state(c) in ("Z", None) for c in rest)
 
