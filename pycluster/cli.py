@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
             "Run APP in N worker processes. APP is a script path (each worker runs it) or "
             "'module:function' (each worker calls it). Workers call "
             "pycluster.worker.listen() with no arguments to listen on the --bind address. "
-            "Respawn, rolling reload on SIGHUP and logging are on. Arguments after '--' go "
+            "Respawn, rolling reload on SIGHUP, logging and the reaping of orphans are on, "
+            "and systemd notification when NOTIFY_SOCKET is set. Arguments after '--' go "
             "to the workers (sys.argv[1:])."
         ),
     )
