@@ -171,6 +171,9 @@ class Master(PluginHost):
         if not hasattr(os, "pidfd_open"):
             self._sigchld = self._watch_sigchld(loop)
         try:
+            if os.getpid() == 1 and "reaper" not in (getattr(p, "name", None)
+                                                     for p in self.plugins):
+                self.use("reaper")  # PID 1 of a container: orphans come to us
             self._bind_addresses()
             self.emit("setup", self.settings)
             deferred, self._deferred = self._deferred, []

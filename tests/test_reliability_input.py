@@ -91,7 +91,7 @@ MORE_CLI_ERRORS = [
     (["run", "app.py", "--bind", "unix:"], {}, "bind address 'unix:' is not HOST:PORT"),
     (["run", "a:b:c"], {}, "APP 'a:b:c' is neither a script path nor 'module:function'"),
     (["run", ""], {}, "APP '' is neither"),
-    (["run", "app.py", "--plugin", ""], {}, "no plugin named ''"),
+    (["run", "app.py", "--plugin", ""], {}, "'' is not a plugin name"),
     (["run", "app.py"], {"WEB_CONCURRENCY": "abc"}, "WEB_CONCURRENCY='abc' must be a whole"),
     (["run", "app.py"], {"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY='0' must be a whole"),
 ]
