@@ -280,7 +280,7 @@ def test_metrics_merged_across_workers_and_kept_across_a_reload(tmp_path):
         for _ in range(10):  # counted by the old workers after the last scrape
             http_get(port, path="/b")
         os.kill(proc.pid, signal.SIGHUP)
-        proc.expect_err(lambda line: "reload done" in line, "the reload")
+        proc.expect_err(lambda line: "worker(s) replaced" in line, "the reload")
         text = wait_until(lambda: (t := _get(mport)[2]) and "worker=\"2\"" not in t
                           and "worker=\"1\"" not in t and t, "the old workers' exits")
         assert _value(text, 'app_requests_total{path="/a"}') == 30
