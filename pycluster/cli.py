@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--start-method", choices=("spawn", "forkserver"), default="spawn",
+                     help="spawn: every worker is a fresh interpreter (default); forkserver: "
+                          "a template process imports APP ('module:function' only) once and "
+                          "forks each worker from it (fast starts, shared memory)")
     run.add_argument("--name", metavar="NAME",
                      help="the cluster's name, shown by ps in the process titles "
                           "(default: from APP)")
@@ -155,10 +159,16 @@ def _run(options: argparse.Namespace) -> int:
         "scheduling": options.scheduling,
         "silent": options.capture_output,
         "bind": options.bind or ["127.0.0.1:8000"],
+        "start_method": options.start_method,
     }
     settings["args"] = options.args
     app = options.app
     if os.path.isfile(app) or app.endswith(".py"):
+        if options.start_method == "forkserver":
+            msg = (f"--start-method forkserver needs APP as 'module:function', not the script "
+                   f"{app!r}: a script runs its whole program at import, so the fork server "
+                   "has nothing it could preload safely")
+            raise _UsageError(msg)
         settings["exec"] = app
     elif TARGET.match(app):
         settings["target"] = app
