@@ -63,7 +63,7 @@ def main(argv: list[str]) -> Any:
     gc.freeze()
     _flush()
     ctl.send(json.dumps({"ready": True} if failure is None else {"failed": failure}).encode())
-    request, fds = _serve(ctl)
+    request, fds = _serve(ctl, failed=failure is not None)
     # from here on: a worker, forked, reparented to the master
     ctl.close()
     return _become_worker(request, fds, target, failure)
@@ -112,8 +112,12 @@ def _flush() -> None:
             pass
 
 
-def _serve(ctl: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """Answer fork requests until the master goes away (then exit); return in a worker."""
+def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[int]]:
+    """Answer fork requests until the master goes away (then exit); return in a worker.
+
+    A *failed* template forks too (even with a thread alive): its workers only connect,
+    print why and exit with BOOT_FAILURE.
+    """
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_REQUEST, 8)
@@ -125,7 +129,7 @@ def _serve(ctl: socket.socket) -> tuple[dict[str, Any], list[int]]:
             exit_now(0)  # retired, or the master died
         try:
             request = json.loads(data)
-            why = _refusal(request, fds)
+            why = _refusal(request, fds, failed=failed)
             if why is None:
                 gc.freeze()
                 _flush()
@@ -144,12 +148,12 @@ def _serve(ctl: socket.socket) -> tuple[dict[str, Any], list[int]]:
         ctl.send(json.dumps({"pid": pid}).encode())
 
 
-def _refusal(request: Any, fds: list[int]) -> str | None:
+def _refusal(request: Any, fds: list[int], *, failed: bool) -> str | None:
     """Why the template must not fork for *request*, or ``None``."""
     if not isinstance(request, dict) or not isinstance(request.get("env"), dict) or len(
         fds) not in (1, 3):
         return f"bad fork request ({len(fds)} fds)"
-    return _threads_alive("after importing the app")
+    return None if failed else _threads_alive("after importing the app")
 
 
 def _double_fork() -> int:
@@ -223,9 +227,9 @@ def _become_worker(request: dict[str, Any], fds: list[int], target: Any,
     pycluster.is_primary = pycluster.is_master = False
     pycluster.is_worker = True
     _child.run_setups(worker)
-    if failure is not None:
-        print(failure, file=sys.stderr)
-        return BOOT_FAILURE
+    if failure is not None:  # straight to the fd: a thread of the app may hold sys.stderr's lock
+        os.write(2, failure.encode("utf-8", "replace") + b"\n")
+        exit_now(BOOT_FAILURE)
     return target()
 
 
