@@ -191,8 +191,9 @@ def reload_under_load(scratch: Path, method: str, duration: float) -> dict[str, 
         report = (await wrk.communicate())[0].decode()
         requests, errors, non_2xx = parse_wrk(report)
         reader, writer = await asyncio.open_connection(HOST, port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = await reader.read()
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+        answer = await asyncio.wait_for(reader.readline(), DEADLINE)
         writer.close()
         return {"requests": requests, "failed": sum(errors.values()) + non_2xx,
                 "v2": float(answer.rstrip().endswith(b"v2")), "ok": float(result == "ok"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
 import socket
 import sys
 import threading
@@ -160,29 +161,26 @@ def _double_fork() -> int:
     """Fork a grandchild that the master adopts; return its pid here, 0 in it.
 
     The middle process exits at once, so the worker is reparented to the nearest
-    subreaper: the master. The worker waits until the template has reaped the middle
-    process (it closes the gate then), so its parent is the master when it arms
-    ``PR_SET_PDEATHSIG`` and checks its parent's pid.
+    subreaper: the master. The worker waits for that (the middle's pidfd turns readable
+    only once its children have been handed over), so its parent is the master when it
+    arms ``PR_SET_PDEATHSIG`` and checks its parent's pid.
     """
     report_r, report_w = os.pipe()
-    gate_r, gate_w = os.pipe()
     try:
         middle = os.fork()
     except BaseException:
-        for fd in (report_r, report_w, gate_r, gate_w):
-            os.close(fd)
+        os.close(report_r)
+        os.close(report_w)
         raise
     if middle == 0:
         code = 1
         try:
             os.close(report_r)
-            os.close(gate_w)
+            me = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(report_w)
-                while os.read(gate_r, 1):
-                    pass
-                os.close(gate_r)
+                _until_gone(me)
                 return 0
             os.write(report_w, b"%d" % pid)
             code = 0
@@ -190,7 +188,6 @@ def _double_fork() -> int:
             pass
         os._exit(code)
     os.close(report_w)
-    os.close(gate_r)
     try:
         chunks = []
         while chunk := os.read(report_r, 32):
@@ -198,11 +195,22 @@ def _double_fork() -> int:
         os.waitpid(middle, 0)
     finally:
         os.close(report_r)
-        os.close(gate_w)
     if not chunks:
         msg = "the fork server could not fork a worker (fork failed in its middle process)"
         raise OSError(msg)
     return int(b"".join(chunks))
+
+
+def _until_gone(pid: int) -> None:
+    """Wait until process *pid* (this one's parent, the middle one) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # exited and reaped already
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
 
 
 def _become_worker(request: dict[str, Any], fds: list[int], target: Any,
