@@ -40,7 +40,8 @@ class Master(PluginHost):
     Args:
         **settings: see :class:`pycluster.Settings` (``exec``, ``target``, ``args``,
             ``env``, ``cwd``, ``silent``, ``scheduling``, ``serialization``,
-            ``kill_timeout``, ``uid``, ``gid``, ``max_message_size``, ``bind``, ``name``).
+            ``kill_timeout``, ``uid``, ``gid``, ``max_message_size``, ``bind``, ``name``,
+            ``start_method``).
 
     Events (on a worker's handle first, then here with the worker first):
     ``fork(worker)``, ``online(worker)``, ``listening(worker, address)``,
@@ -244,7 +245,10 @@ class Master(PluginHost):
     def reload(self) -> None:
         """Ask the installed reload plugin for a rolling reload (what SIGHUP does).
 
-        Emits ``reload()``.
+        Emits ``reload()``. With ``start_method="forkserver"`` (and a running master) a
+        new template imports the app first and ``reload()`` is emitted once it has, so
+        the replacements run the new code; if it cannot import the app,
+        ``reload_failed(reason)`` is emitted instead and no worker is touched.
 
         Raises:
             StateError: no plugin handles ``reload`` (install one: ``master.use("reload")``).

@@ -60,6 +60,8 @@ def main(argv: list[str]) -> Any:
     target, failure = _load(spec)
     if failure is None:
         failure = _threads_alive("while importing the app")
+    if failure is None:
+        _warn_sockets(spec, ctl.fileno())
     gc.collect()
     gc.freeze()
     _flush()
@@ -102,6 +104,27 @@ def _threads_alive(when: str) -> str | None:
         "every worker), so the template must run none: start threads in the target "
         "function instead, or use start_method='spawn'"
     )
+
+
+def _warn_sockets(spec: str, mine: int) -> None:
+    """Warn (on stderr) about sockets the app opened at import: every worker would share
+    each of them — one database connection written to by every worker at once."""
+    try:
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    except OSError:
+        return
+    found = []
+    for fd in fds:
+        if fd != mine:
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                    found.append(str(fd))
+            except OSError:
+                pass
+    if found:
+        print(f"pycluster: warning: importing {spec!r} left socket(s) open (fd "
+              f"{', '.join(found)}); with start_method='forkserver' every worker shares "
+              "them: open connections in the target function instead", file=sys.stderr)
 
 
 def _flush() -> None:

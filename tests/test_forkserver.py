@@ -273,6 +273,28 @@ def test_a_thread_started_at_import_is_an_error_that_names_it(tmp_path):
     assert "failed to boot (exit code 3)" in err[-1]
 
 
+def test_a_socket_opened_at_import_is_warned_about(tmp_path):
+    """A module that opens a connection at import gets a warning naming the module (every
+    forked worker would share the socket); the workers still start and serve."""
+    app(tmp_path, textwrap.dedent(APP) + textwrap.dedent("""
+        import socket
+        CONNECTION = socket.socket()
+    """))
+    script(tmp_path, """
+        import pycluster
+        master = pycluster.Master(target="fsapp:main", start_method="forkserver",
+                                  bind="127.0.0.1:0", args=[])
+        master.on("listening", lambda worker, address: master.stop())
+        master.fork()
+        raise SystemExit(master.run())
+    """, "master.py")
+    env = {"IMPORT_LOG": str(tmp_path / "imports.log")}
+    with Proc(["master.py"], cwd=tmp_path, env=env, start_new_session=True) as proc:
+        assert proc.wait() == 0
+        err = proc.finish()
+    assert "pycluster: warning: importing 'fsapp:main' left socket(s) open" in err, err
+
+
 def test_forked_workers_and_the_template_die_with_a_sigkilled_master(tmp_path):
     """SIGKILL a master running forked workers: the workers and the template exit too."""
     app(tmp_path)
