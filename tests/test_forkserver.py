@@ -237,6 +237,51 @@ def test_a_reload_whose_new_code_does_not_import_fails_and_keeps_the_old_workers
     assert sorted(w.pid for w, *_ in events.of("exit")) == first
 
 
+def test_a_reload_asked_while_the_new_template_imports_loads_the_code_once_more(tmp_path):
+    """reload() twice in a row: the template started for the first is retired once it has
+    imported, and a third one imports the code again (it may have changed in between);
+    one reload round runs, from that one, and the new code answers."""
+    master = master_for(tmp_path)
+    master.use("reload")
+    rounds: list[str] = []
+    answers: list[bytes] = []
+    ports: list[int] = []
+
+    def on_listening(worker, address):
+        ports.append(address.port)
+        if master.size == 2 and not rounds:
+            rounds.append("asked")
+            script(tmp_path, APP.replace('"v1"', '"v2"'), "fsapp.py")
+            master.reload()
+            master.reload()
+
+    def reloaded():
+        rounds.append("reloaded")
+        answers.append(http_get(ports[0]).split(b"\r\n\r\n")[1][:2])
+        master.stop()
+
+    master.on("listening", on_listening)
+    master.on("reloading", lambda: rounds.append("reloading"))
+    master.on("reloaded", reloaded)
+    master.fork()
+    master.fork()
+    assert run(master) == 0
+    assert rounds == ["asked", "reloading", "reloaded"]
+    assert answers == [b"v2"]
+    assert len(imports(str(tmp_path / "imports.log"))) == 3
+
+
+def test_a_template_that_dies_while_importing_fails_the_first_fork(tmp_path):
+    """A module that kills its interpreter at import (os._exit): the first fork() raises
+    a pycluster error saying the template died and how; pycluster run prints it on one
+    line and exits 1."""
+    app(tmp_path, "import os\nos._exit(9)\n")
+    code, err = pycluster_run(tmp_path)
+    assert code == 1, err
+    assert err[-1].startswith("pycluster: error: the fork server's template (pid "), err
+    assert err[-1].endswith("died (exit code 9) before it was ready"), err
+
+
 def pycluster_run(tmp_path, *extra: str) -> tuple[int, list[str]]:
     argv = ["-m", "pycluster", "run", "fsapp:main", "-w", "2", "-b", "127.0.0.1:0",
             "--kill-timeout", "5", "--start-method", "forkserver", *extra]
