@@ -188,19 +188,20 @@ def test_reload_loads_new_code_from_a_new_template(tmp_path):
             script(tmp_path, APP.replace('"v1"', '"v2"'), "fsapp.py")
             master.reload()
 
-    def reloaded():
-        for _ in range(4):
-            answers.append(http_get(ports[0]).split(b"\r\n\r\n")[1][:2])
-        master.stop()
+    def exited(worker, code, signal):
+        if master.size == 2 and not any(w.pid in before for w in master.workers.values()):
+            for _ in range(4):  # the old workers are gone: only the new ones answer
+                answers.append(http_get(ports[0]).split(b"\r\n\r\n")[1][:2])
+            wait_until(lambda: not any(alive(p) for p in before), "the old template's exit")
+            master.stop()
 
     master.on("listening", on_listening)
-    master.on("reloaded", reloaded)
+    master.once("reloaded", lambda: master.on("exit", exited))
     master.fork()
     master.fork()
     assert run(master) == 0
     assert answers == [b"v2"] * 4
     assert len(imports(str(tmp_path / "imports.log"))) == 2
-    assert not [p for p in before if alive(p)]  # old workers and the old template are gone
 
 
 def test_a_reload_whose_new_code_does_not_import_fails_and_keeps_the_old_workers(tmp_path):
@@ -255,10 +256,14 @@ def test_a_reload_asked_while_the_new_template_imports_loads_the_code_once_more(
             master.reload()
             master.reload()
 
+    def exited(worker, code, signal):
+        if "reloaded" in rounds and not any(w.id <= 2 for w in master.workers.values()):
+            answers.append(http_get(ports[0]).split(b"\r\n\r\n")[1][:2])
+            master.stop()
+
     def reloaded():
         rounds.append("reloaded")
-        answers.append(http_get(ports[0]).split(b"\r\n\r\n")[1][:2])
-        master.stop()
+        master.on("exit", exited)
 
     master.on("listening", on_listening)
     master.on("reloading", lambda: rounds.append("reloading"))
