@@ -78,9 +78,7 @@ class Master(PluginHost):
         self.stop_reason: str | None = None
         self._forkserver: ForkServer | None = None
         if self.settings.start_method == "forkserver":
-            self._forkserver = ForkServer(self.settings, self._reload_now, self._reload_failed)
-            self.on("reloaded", self._forkserver.reload_over)
-            self.on("reload_failed", lambda reason: self._forkserver_reload_over())
+            self._forkserver = ForkServer.for_master(self)
 
     # -- forking -----------------------------------------------------------------------
 
@@ -263,21 +261,6 @@ class Master(PluginHost):
             self._forkserver.reload()  # a new template loads the new code first
             return
         self.emit("reload")
-
-    def _reload_now(self) -> None:
-        """The fork server's new template has imported the new code: reload from it."""
-        if not self._stopping:
-            self.emit("reload")
-
-    def _reload_failed(self, reason: str) -> None:
-        """The fork server's new template could not import the app: the reload fails."""
-        reason = f"the new code does not load in the fork server's template: {reason.strip()}"
-        log.error("reload failed: %s; keeping the old workers", reason)
-        self.emit("reload_failed", reason)
-
-    def _forkserver_reload_over(self) -> None:
-        if self._forkserver is not None:
-            self._forkserver.reload_over()
 
     @property
     def size(self) -> int:
