@@ -50,6 +50,13 @@ def _released(fifo):
         _release(fifo)
 
 
+def is_worker(pid: int) -> bool:
+    """Whether *pid* is a worker: its command line names the app, or (with setproctitle)
+    its title says so."""
+    line = " ".join(cmdline(pid))
+    return "app.py" in line or line.startswith("pycluster worker")
+
+
 def test_run_is_a_subreaper_that_reaps_workers_orphans(tmp_path):
     """Under ``pycluster run`` the master is a child subreaper: the orphans of a
     worker's children are reparented to it (not to init), and once they exit none stays
@@ -60,8 +67,8 @@ def test_run_is_a_subreaper_that_reaps_workers_orphans(tmp_path):
     argv = ["-m", "pycluster", "run", app, "-w", "1", "-b", "127.0.0.1:0", "--", "20", str(fifo)]
     with Proc(argv, cwd=tmp_path, read_stderr=True) as proc, _released(fifo):
         proc.expect(lambda line: line == "orphans made", "the orphans made")
-        (worker,) = wait_until(lambda: [c for c in children(proc.pid)
-                                        if "app.py" in " ".join(cmdline(c))], "the worker")
+        (worker,) = wait_until(lambda: [c for c in children(proc.pid) if is_worker(c)],
+                               "the worker")
         orphans = wait_until(lambda: len(set(children(proc.pid)) - {worker}) == 20
                              and set(children(proc.pid)) - {worker},
                              "20 orphans reparented to the master")
