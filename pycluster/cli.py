@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from ._child import process_title
 from ._errors import PyclusterError
+from ._operate import add_commands, operate
 from ._settings import TARGET
 
 __all__ = ["default_name", "default_workers", "main"]
@@ -112,8 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
     run.add_argument("--name", metavar="NAME",
-                     help="the cluster's name, shown by ps in the process titles "
-                          "(default: from APP)")
+                     help="the cluster's name: its control socket and process titles "
+                          "(default: from APP); 'pycluster status --name NAME' finds it")
+    run.add_argument("--pid-file", metavar="PATH",
+                     help="write the master's pid to PATH (removed at exit)")
+    add_commands(commands)
     return parser
 
 
@@ -135,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if options.command != "run":
+            return operate(options)
         return _run(options)
     except _UsageError as exc:
         print(f"pycluster: error: {exc}", file=sys.stderr)
@@ -145,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(exc, ValueError) else 1
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:  # Ctrl-C while a client command waits
+        return 130
 
 
 def _run(options: argparse.Namespace) -> int:
@@ -174,6 +182,15 @@ def _run(options: argparse.Namespace) -> int:
         raise _UsageError(msg)
     settings["name"] = options.name or default_name(app)
     master = Master(**settings)
+    master.use("control", pid_file=options.pid_file)  # first: a name already taken fails
+    control = master.plugins[-1]  # before anything starts
+    try:
+        return _serve(master, options, app, workers)
+    finally:
+        control.close()  # run() has closed it, unless the cluster never ran
+
+
+def _serve(master: Any, options: argparse.Namespace, app: str, workers: int) -> int:
     master.use("logging", format=options.log_format)
     if not options.no_respawn:
         master.use("respawn")
@@ -184,14 +201,14 @@ def _run(options: argparse.Namespace) -> int:
     stopped: list[bool] = []
     master.once("listening", lambda worker, address: listened.append(True))
     master.once("stop", lambda: stopped.append(True))
-    process_title(f"pycluster master [{settings['name']}]")
+    process_title(f"pycluster master [{master.settings.name}]")
     try:
         for _ in range(workers):
             master.fork()
     except OSError as exc:  # a --bind address is in use or not ours: no worker started
         print(f"pycluster: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    code = master.run()
+    code: int = master.run()
     if master.stop_reason and code:
         print(f"pycluster: stopped: {master.stop_reason}", file=sys.stderr)
     elif not listened and not stopped:
