@@ -11,7 +11,6 @@ client; :func:`call`, :func:`find` and :func:`clusters` are the same from Python
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import errno
 import json
@@ -24,9 +23,14 @@ import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pycluster import Master, PyclusterError, SettingsError, StateError, Worker, __version__
+from pycluster import PyclusterError, SettingsError, StateError, __version__
+
+if TYPE_CHECKING:  # the client side (pycluster status) does without asyncio and the master
+    import asyncio
+
+    from pycluster import Master, Worker
 
 __all__ = [
     "MAX_LINE",
@@ -484,10 +488,14 @@ class ControlSocket:
     # -- serving ---------------------------------------------------------------------
 
     def _start(self, settings: Any) -> None:
+        import asyncio
+
         self._started = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
+        import asyncio
+
         sock = self._sock
         assert sock is not None
         server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
@@ -498,6 +506,8 @@ class ControlSocket:
             self.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         if self._clients >= self.max_clients:
             writer.close()
             return
@@ -531,6 +541,8 @@ class ControlSocket:
             writer.close()
 
     async def _answer(self, writer: asyncio.StreamWriter, answer: dict[str, Any]) -> bool:
+        import asyncio
+
         writer.write(json.dumps(answer, default=str).encode() + b"\n")
         try:
             await asyncio.wait_for(writer.drain(), self.idle_timeout)
@@ -605,6 +617,8 @@ class ControlSocket:
         }
 
     async def _reload(self, request: dict[str, Any], peer_pid: int) -> Any:
+        import asyncio
+
         master = self._master
         assert master is not None
         outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()

@@ -20,7 +20,6 @@ from . import __version__
 from ._child import process_title
 from ._errors import PyclusterError
 from ._operate import add_commands, operate
-from ._settings import TARGET
 
 __all__ = ["default_name", "default_workers", "main"]
 
@@ -157,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(options: argparse.Namespace) -> int:
     from ._master import Master
+    from ._settings import TARGET
 
     settings: dict[str, Any] = {
         "kill_timeout": options.kill_timeout,
