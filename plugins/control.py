@@ -151,7 +151,10 @@ def call(path: str, request: dict[str, Any], timeout: float | None = 10.0) -> An
             msg = f"cannot connect to {path}: {exc.strerror}"
             raise ControlError(msg) from None
         try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it answered (a refusal) and closed before reading: read that
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(1 << 16)
