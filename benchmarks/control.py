@@ -15,7 +15,7 @@ load, each beside a baseline measured in the same run.
    same way with ``SIGTTIN``/``SIGTTOU`` (its only way), serving the shared bench's WSGI
    hello.
 
-    python benchmarks/control.py [--rounds 30] [--workers 64] [--duration 20] [--cycles 2]
+    python benchmarks/control.py [--rounds 30] [--workers 64] [--duration 15] [--cycles 2]
 """
 
 from __future__ import annotations
@@ -119,10 +119,11 @@ def status_round_trip(rounds: int, workers: int, scratch: Path) -> list[str]:
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 times[name].append(_timed(runners[name]))
+        calls = max(rounds, 200)  # CPU time comes in 10 ms ticks: average over many
         before = cpu_seconds(master.pid) or 0.0
-        for _ in range(rounds):
+        for _ in range(calls):
             _call(path, {"verb": "status"})
-        master_ms = ((cpu_seconds(master.pid) or 0.0) - before) * 1000 / rounds
+        master_ms = ((cpu_seconds(master.pid) or 0.0) - before) * 1000 / calls
         rows = len(_call(path, {"verb": "status"})["workers"])
     ps_ms = median(times["ps"])
     hello_ms = median(times["hello"])
@@ -135,7 +136,7 @@ def status_round_trip(rounds: int, workers: int, scratch: Path) -> list[str]:
         ours = median(times[name])
         lines.append(f"  {label:42s} {ours:8.2f} ms   {base_name:22s} {base:8.2f} ms   "
                      f"ratio {ours / base:5.2f}x")
-    lines.append(f"  master CPU per status: {master_ms:.2f} ms")
+    lines.append(f"  master CPU per status: {master_ms:.2f} ms (over {max(rounds, 200)} calls)")
     return lines
 
 
@@ -149,9 +150,12 @@ def _wrk(port: int, duration: float) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish_wrk(wrk: subprocess.Popen[str], duration: float) -> tuple[int, int]:
+def _finish_wrk(wrk: subprocess.Popen[str]) -> tuple[int, int]:
+    """Stop wrk now (SIGINT: it prints its report) and return (requests, failed)."""
     try:
-        report, _ = wrk.communicate(timeout=duration + 60)
+        if wrk.poll() is None:
+            wrk.send_signal(signal.SIGINT)
+        report, _ = wrk.communicate(timeout=60)
     finally:
         if wrk.poll() is None:
             wrk.kill()
@@ -160,9 +164,10 @@ def _finish_wrk(wrk: subprocess.Popen[str], duration: float) -> tuple[int, int]:
     return requests, sum(errors.values()) + non_2xx
 
 
-def scale_trial(scratch: Path, duration: float, cycles: int, scale: bool) -> tuple[int, int, int]:
-    """pycluster under wrk; scale 2→16→2 *cycles* times if *scale*: (requests, failed,
-    scales done)."""
+def scale_trial(scratch: Path, duration: float, cycles: int, scale: bool
+                ) -> tuple[int, int, int, float]:
+    """pycluster under wrk for at least *duration* s; scale 2→16→2 *cycles* times if
+    *scale*: (requests, failed, scalings done, seconds of load)."""
     runtime = tempfile.mkdtemp(prefix="xdg-", dir=scratch)
     port = free_port()
     env = _env(port, runtime)
@@ -176,7 +181,7 @@ def scale_trial(scratch: Path, duration: float, cycles: int, scale: bool) -> tup
     ) as master:
         wait_port(port, master)
         _wait(lambda: _listening(path, 2), "2 listening workers")
-        wrk = _wrk(port, duration)
+        wrk = _wrk(port, 3600)
         start = time.monotonic()
         try:
             for _ in range(cycles if scale else 0):
@@ -187,17 +192,27 @@ def scale_trial(scratch: Path, duration: float, cycles: int, scale: bool) -> tup
                 _scale_cli(2, env)
                 _wait(lambda: _listening(path, 2), "back to 2 workers")
                 done += 2
-            if time.monotonic() - start > duration - 1:
-                say(f"  warning: the scaling took longer than wrk's {duration:g} s")
+            time.sleep(max(1.0, start + duration - time.monotonic()))
         finally:
-            requests, failed = _finish_wrk(wrk, duration)
+            elapsed = time.monotonic() - start
+            requests, failed = _finish_wrk(wrk)
         if master.poll() is not None:
             msg = f"the master exited during the run; see {scratch / log_name}"
             raise RuntimeError(msg)
-    return requests, failed, done
+    return requests, failed, done, elapsed
 
 
-def gunicorn_trial(scratch: Path, duration: float, cycles: int) -> tuple[int, int, int] | None:
+def _signal_gunicorn(pid: int, sig: signal.Signals, log: Path) -> None:
+    """Send *sig* and wait until gunicorn logs that it handled it: its arbiter keeps at
+    most five pending signals and drops the rest, so a burst of 14 would lose some."""
+    line = f"Handling signal: {sig.name[3:].lower()}"
+    seen = log.read_text(errors="replace").count(line)
+    os.kill(pid, sig)
+    _wait(lambda: log.read_text(errors="replace").count(line) > seen, f"gunicorn {line}", 30)
+
+
+def gunicorn_trial(scratch: Path, duration: float, cycles: int
+                   ) -> tuple[int, int, int, float] | None:
     """gunicorn -k gthread, 2 workers, scaled to 16 and back with SIGTTIN/SIGTTOU."""
     gunicorn = shutil.which("gunicorn")
     if gunicorn is None:
@@ -205,29 +220,31 @@ def gunicorn_trial(scratch: Path, duration: float, cycles: int) -> tuple[int, in
     port = free_port()
     cmd = [gunicorn, "-k", "gthread", "--threads", "4", "-w", "2",
            "-b", f"{HOST}:{port}", "--chdir", str(SHARED_BENCH), "wsgi_hello:app"]
-    with (scratch / "gunicorn.log").open("wb") as log, running(
+    log_path = scratch / "gunicorn.log"
+    with log_path.open("wb") as log, running(
         cmd, {}, cwd=SHARED_BENCH, stdout=log, stderr=subprocess.STDOUT,
     ) as master:
         wait_port(port, master)
         _wait(lambda: len(children(master.pid)) == 2, "2 gunicorn workers", 30)
-        wrk = _wrk(port, duration)
+        wrk = _wrk(port, 3600)
+        start = time.monotonic()
         done = 0
         try:
             for _ in range(cycles):
                 time.sleep(1.0)
                 for _ in range(14):
-                    os.kill(master.pid, signal.SIGTTIN)
-                    time.sleep(0.05)  # gunicorn handles one queued signal per loop turn
+                    _signal_gunicorn(master.pid, signal.SIGTTIN, log_path)
                 _wait(lambda: len(children(master.pid)) == 16, "16 gunicorn workers", 60)
                 time.sleep(1.0)
                 for _ in range(14):
-                    os.kill(master.pid, signal.SIGTTOU)
-                    time.sleep(0.05)
-                _wait(lambda: len(children(master.pid)) == 2, "2 gunicorn workers", 60)
+                    _signal_gunicorn(master.pid, signal.SIGTTOU, log_path)
+                _wait(lambda: len(children(master.pid)) == 2, "2 gunicorn workers", 120)
                 done += 2
+            time.sleep(max(1.0, start + duration - time.monotonic()))
         finally:
-            requests, failed = _finish_wrk(wrk, duration)
-    return requests, failed, done
+            elapsed = time.monotonic() - start
+            requests, failed = _finish_wrk(wrk)
+    return requests, failed, done, elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--workers", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=15.0,
+                        help="least seconds of load per trial (longer if scaling takes longer)")
     parser.add_argument("--cycles", type=int, default=2)
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="pycluster-control-"))
@@ -244,22 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     if missing("wrk"):
         say("wrk is not installed: no scaling figure")
         return 0
-    say(f"scale: pycluster 2->16->2 x{args.cycles} under wrk -t1 -c64 -d{args.duration:g}s")
+    say(f"scale: pycluster 2->16->2 x{args.cycles} under wrk -t1 -c64, >= {args.duration:g} s")
     scaled = scale_trial(scratch, args.duration, args.cycles, scale=True)
-    say("scale: the same without scaling")
-    steady = scale_trial(scratch, args.duration, args.cycles, scale=False)
+    say("scale: the same without scaling, as long")
+    steady = scale_trial(scratch, scaled[3], args.cycles, scale=False)
     say("scale: gunicorn -k gthread with SIGTTIN/SIGTTOU")
-    peer = gunicorn_trial(scratch, args.duration, args.cycles)
-    print(f"scale 2->16->2 x{args.cycles} under wrk -t1 -c64 keep-alive, {args.duration:g} s:",
-          flush=True)
-    print(f"  {'server':34s} {'scalings':>8s} {'requests':>10s} {'failed':>7s}")
+    peer = gunicorn_trial(scratch, scaled[3], args.cycles)
+    print(f"scale 2->16->2 x{args.cycles} under wrk -t1 -c64 keep-alive:", flush=True)
+    print(f"  {'server':34s} {'scalings':>8s} {'seconds':>7s} {'requests':>10s} {'req/s':>8s} "
+          f"{'failed':>7s}")
     rows = [("pycluster scale (control socket)", scaled),
             ("pycluster, no scaling (baseline)", steady)]
     if peer is not None:
         rows.append(("gunicorn gthread TTIN/TTOU (peer)", peer))
-    for name, (requests, failed, done) in rows:
-        print(f"  {name:34s} {done:8d} {requests:10,d} {failed:7d}")
-    print(f"  requests scaled/steady: {scaled[0] / steady[0]:.2f}x; failed requests with "
+    for name, (requests, failed, done, seconds) in rows:
+        print(f"  {name:34s} {done:8d} {seconds:7.1f} {requests:10,d} {requests / seconds:8,.0f} "
+              f"{failed:7d}")
+    ratio = (scaled[0] / scaled[3]) / (steady[0] / steady[3])
+    print(f"  req/s scaled/steady: {ratio:.2f}x; failed requests with "
           f"scaling: {scaled[1]} (target 0: {'met' if scaled[1] == 0 else 'NOT met'})")
     say(f"logs in {scratch}")
     return 0 if scaled[1] == 0 else 1

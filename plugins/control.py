@@ -30,7 +30,7 @@ from pycluster import PyclusterError, SettingsError, StateError, __version__
 if TYPE_CHECKING:  # the client side (pycluster status) does without asyncio and the master
     import asyncio
 
-    from pycluster import Master, Worker
+    from pycluster import Master, Timer, Worker
 
 __all__ = [
     "MAX_LINE",
@@ -366,6 +366,7 @@ class ControlSocket:
         self._sock: socket.socket | None = None
         self._inode = 0
         self._task: asyncio.Task[None] | None = None
+        self._ticks: Timer | None = None
         self._clients = 0
         self._started = time.monotonic()
         self._restarts: dict[int, int] = {}  # slot -> replacements of its worker
@@ -408,7 +409,7 @@ class ControlSocket:
         master.on("reloading", self._on_reloading)
         master.on("reloaded", self._on_reload_end)
         master.on("reload_failed", self._on_reload_end)
-        master.call_every(self.sample_interval, self._sample)
+        self._ticks = master.call_every(self.sample_interval, self._sample)
 
     def uninstall(self, master: Master) -> None:
         """Stop serving; remove the socket and the pid file."""
@@ -417,6 +418,9 @@ class ControlSocket:
     def close(self) -> None:
         """Stop serving; remove the socket and the pid file (if still ours). Idempotent."""
         atexit.unregister(self.close)
+        ticks, self._ticks = self._ticks, None
+        if ticks is not None:
+            ticks.cancel()
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -505,6 +509,7 @@ class ControlSocket:
         try:
             await server.serve_forever()
         finally:  # the master ended (its loop cancels this task) or close() was called
+            self._task = None
             server.close()
             self.close()
 
