@@ -9,6 +9,7 @@ Respawn, rolling reload on SIGHUP and logging are on by default.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import re
@@ -182,15 +183,6 @@ def _run(options: argparse.Namespace) -> int:
         raise _UsageError(msg)
     settings["name"] = options.name or default_name(app)
     master = Master(**settings)
-    master.use("control", pid_file=options.pid_file)  # first: a name already taken fails
-    control = master.plugins[-1]  # before anything starts
-    try:
-        return _serve(master, options, app, workers)
-    finally:
-        control.close()  # run() has closed it, unless the cluster never ran
-
-
-def _serve(master: Any, options: argparse.Namespace, app: str, workers: int) -> int:
     master.use("logging", format=options.log_format)
     if not options.no_respawn:
         master.use("respawn")
@@ -201,11 +193,15 @@ def _serve(master: Any, options: argparse.Namespace, app: str, workers: int) -> 
     stopped: list[bool] = []
     master.once("listening", lambda worker, address: listened.append(True))
     master.once("stop", lambda: stopped.append(True))
-    process_title(f"pycluster master [{master.settings.name}]")
+    control: Any = importlib.import_module("pycluster.plugins.control").ControlSocket(
+        pid_file=options.pid_file)
+    master.use(control)  # a name already taken fails here, before any worker starts
+    process_title(f"pycluster master [{settings['name']}]")
     try:
         for _ in range(workers):
             master.fork()
     except OSError as exc:  # a --bind address is in use or not ours: no worker started
+        control.close()
         print(f"pycluster: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
     code: int = master.run()
