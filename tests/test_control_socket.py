@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pycluster.plugins import control
 
 from pycluster import cli
+from pycluster._procfs import socket_inodes, unix_sockets
 
 APP = """
     import os, sys, pycluster
@@ -163,10 +164,14 @@ def test_status_table_and_json_describe_the_real_workers(tmp_path, capsys):
 
         children = {c.pid for c in psutil.Process(proc.pid).children()}
         assert {w["pid"] for w in found["workers"]} == children
+        table = unix_sockets()
         for row in found["workers"]:
             assert {"id", "pid", "slot", "state", "uptime", "restarts", "cpu_percent",
                     "rss_bytes", "requests", "last_exit"} <= row.keys()
             assert row["rss_bytes"] > 1 << 20 and row["restarts"] == 0
+            # the control socket stays in the master: no worker inherits it
+            assert found["socket"] not in {table.get(i) for i in socket_inodes(row["pid"])}
+        assert found["socket"] in {table.get(i) for i in socket_inodes(proc.pid)}
     finally:
         assert stop(proc) == 0
         proc.finish()
