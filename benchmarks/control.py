@@ -6,8 +6,8 @@ load, each beside a baseline measured in the same run.
    without a control socket (pids, uptime, CPU, memory; no slots, states or exits).
    Measured, interleaved, ROUNDS times each: ``ps``; a raw ``hello`` round trip on the
    socket (the transport's floor); ``status`` over the socket from Python; the whole
-   ``python -m pycluster status --json`` command (interpreter start included). Also the
-   master's CPU per ``status``.
+   ``python -m pycluster status --json`` command, beside ``python -c pass`` (the
+   interpreter's own start). Also the master's CPU per ``status``.
 2. ``pycluster scale 16`` then ``pycluster scale 2``, CYCLES times, while ``wrk -t1 -c64``
    keeps 64 keep-alive connections busy on the same app (2 workers to start). Failed
    requests (socket errors + non-2xx) must be 0. Baselines: the same wrk run with no
@@ -112,6 +112,7 @@ def status_round_trip(rounds: int, workers: int, scratch: Path) -> list[str]:
             "hello": lambda: _call(path, {"verb": "hello"}),
             "status": lambda: _call(path, {"verb": "status"}),
             "cli": lambda: subprocess.run(cli, check=True, capture_output=True, env=full_env),
+            "python": lambda: subprocess.run([PYTHON, "-c", "pass"], check=True),
         }
         times: dict[str, list[float]] = {name: [] for name in runners}
         for r in range(rounds):
@@ -132,6 +133,8 @@ def status_round_trip(rounds: int, workers: int, scratch: Path) -> list[str]:
         ("status", "status over the socket (Python)", ps_ms, "ps --ppid"),
         ("cli", "pycluster status --json (whole command)", ps_ms, "ps --ppid"),
         ("status", "status over the socket (Python)", hello_ms, "raw hello round trip"),
+        ("cli", "pycluster status --json (whole command)", median(times["python"]),
+         "python -c pass"),
     ):
         ours = median(times[name])
         lines.append(f"  {label:42s} {ours:8.2f} ms   {base_name:22s} {base:8.2f} ms   "
