@@ -335,6 +335,25 @@ def test_client_commands_from_the_shell(tmp_path):
         proc.finish()
 
 
+def test_a_master_that_does_not_answer_is_a_timeout_not_a_hang(tmp_path, capsys):
+    """A master that accepts but does not answer (stopped with SIGSTOP) makes the client
+    exit 1 after --timeout saying so; its socket is not taken for stale, and once the
+    master runs again it answers."""
+    proc = start(tmp_path, "hung", workers=1)
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            code, _, err = client(capsys, "status", "--timeout", "0.5")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert code == 1 and "no answer" in err and "within 0.5 s" in err
+        assert os.path.exists(control.socket_path("hung"))
+        assert status("hung")["pid"] == proc.pid
+    finally:
+        assert stop(proc) == 0
+        proc.finish()
+
+
 # -- one name, one master; stale sockets ---------------------------------------------------
 
 
