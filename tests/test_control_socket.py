@@ -54,6 +54,8 @@ MASTER = """
         master = pycluster.Master(name=sys.argv[1], bind=["127.0.0.1:0"])
         master.use("control", idle_timeout=float(sys.argv[2]), max_clients=int(sys.argv[3]))
         master.use("reload")
+        # another plugin's counts fill the requests column
+        master.on("status_row", lambda worker, row: row.update(requests=worker.id * 10))
         for _ in range(2):
             master.fork()
         sys.exit(master.run())
@@ -604,6 +606,26 @@ def _answers(path: str) -> bool:
         return bool(control.call(path, {"verb": "hello"}, timeout=DEADLINE))
     except control.ControlError:
         return False
+
+
+def test_status_rows_take_fields_from_other_plugins(tmp_path, capsys):
+    """A master whose plugin answers `status_row(worker, row)` fills the requests column:
+    in the JSON rows and in the table."""
+    script(tmp_path, APP, "app.py")
+    script(tmp_path, MASTER, "master.py")
+    proc = Proc(["master.py", "rows", "10", "8"], cwd=tmp_path, read_stderr=True)
+    try:
+        found = listening("rows", 2, proc)
+        assert [w["requests"] for w in found["workers"]] == [w["id"] * 10 for w in
+                                                             found["workers"]]
+        code, out, _ = client(capsys, "status", "--name", "rows")
+        assert code == 0
+        rows = out.splitlines()[2:]
+        requests = [row.split()[9] for row in rows]  # "22.0 MiB" is two words
+        assert requests == [str(w["id"] * 10) for w in found["workers"]]
+    finally:
+        stop(proc)
+        proc.finish()
 
 
 def test_plugin_options_are_checked():
