@@ -642,3 +642,31 @@ def test_plugin_options_are_checked():
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("the control socket reads /proc and SO_PEERCRED", allow_module_level=True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["scale"], "required: N"),
+        (["status", "--timeout", "0"], "--timeout 0.0 must be"),
+        (["stop", "--name", ""], "cluster name ''"),
+        (["list", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_client_usage_errors_exit_2(capsys, argv, message):
+    """Mistakes on a client command's line exit 2 with one line and no traceback, before
+    any cluster is looked for."""
+    code, _, err = client(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_client_help_names_the_options(capsys):
+    """`pycluster --help` lists the client commands; each command's --help its options."""
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for verb in ("status", "reload", "scale", "stop", "list"):
+        assert verb in out
+    assert cli.main(["status", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--name" in out and "--json" in out and "--timeout" in out
