@@ -59,6 +59,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _common import descendants
+
+from pycluster._procfs import children
+
 HOST = "127.0.0.1"
 WORKERS = 2
 LAST_LINE = 100
@@ -173,29 +177,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of *pid* (from ``/proc``).
-
-    Not pycluster's own helper: this script imports no pycluster, so that it can measure
-    whichever copy the servers import.
-    """
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.extend(int(p) for p in f.read().split())
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process under *pid*, depth first."""
-    found: list[int] = []
-    for child in children(pid):
-        found.append(child)
-        found.extend(descendants(child))
-    return found
 
 
 def become_subreaper() -> bool:

@@ -27,7 +27,7 @@ class ExitNotifier:
     def on_exit(self, worker, code, signal):
         self.crashes += not worker.exited_after_disconnect
         for other in self.master.workers.values():
-            if other.is_connected():
+            if other.is_connected() and not other.exited_after_disconnect:  # not if leaving
                 other.send({"exited": worker.id, "code": code, "signal": signal})
 
 

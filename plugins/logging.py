@@ -54,18 +54,30 @@ class Logging:
         stream: where records go (default stderr). A handler is added only when the
             ``pycluster`` logger has none and either *format* is ``"json"`` or the root
             logger has no handler either; otherwise your logging configuration is used.
+        root: configure the root logger instead (what ``pycluster run`` does): its
+            handlers are replaced by one in *format* at *level*, so the records of every
+            logger of the master — third-party plugins' too — come out the same way.
+
+    Each event is logged once: the lifecycle here; what a plugin emits (``reloading``,
+    ``reloaded``, ``reload_failed``, ``respawn_give_up``) by that plugin's own logger,
+    a child of ``pycluster`` whose records carry the same fields.
     """
 
     name = "logging"
 
     def __init__(self, *, format: str = "text", level: int | str = logging.INFO,  # noqa: A002
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, root: bool = False) -> None:
         if format not in ("text", "json"):
             msg = f"logging format={format!r} must be 'text' or 'json'"
             raise SettingsError(msg)
         self.format = format
         self.level = level
         self.stream = stream
+        if not isinstance(root, bool):
+            msg = f"logging root={root!r} must be True or False"
+            raise SettingsError(msg)
+        self.root = root
+        self._saved_root: tuple[int, list[logging.Handler]] | None = None
         self.logger = logging.getLogger("pycluster")
         self._handler: logging.Handler | None = None
 
@@ -77,12 +89,12 @@ class Logging:
         except (TypeError, ValueError) as exc:
             msg = f"logging level={self.level!r} is not a logging level"
             raise SettingsError(msg) from exc
-        if not logger.handlers and (self.format == "json" or not logging.getLogger().handlers):
-            handler = logging.StreamHandler(self.stream or sys.stderr)
-            handler.setFormatter(
-                JsonFormatter() if self.format == "json"
-                else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-            )
+        if self.root:
+            self._configure_root()
+        elif not logger.handlers and (
+            self.format == "json" or not logging.getLogger().handlers
+        ):
+            handler = self._make_handler()
             logger.addHandler(handler)
             logger.propagate = False
             self._handler = handler
@@ -96,23 +108,44 @@ class Logging:
         master.on("exit", self._on_exit)
         master.on("error", self._on_error)
         master.on("output", self._on_output)
-        master.on("respawn_give_up", lambda w, reason: self._log(
-            logging.ERROR, w, "respawn_give_up", "worker %d (pid %s): respawn gave up: %s", reason,
-            reason=reason))
-        master.on("reloading", lambda: self.logger.info("rolling reload started",
-                                                         extra={"event": "reloading"}))
-        master.on("reloaded", lambda: self.logger.info("rolling reload finished",
-                                                        extra={"event": "reloaded"}))
-        master.on("reload_failed", lambda reason: self.logger.error(
-            "rolling reload failed: %s", reason,
-            extra={"event": "reload_failed", "reason": reason}))
+
+    def _make_handler(self) -> logging.Handler:
+        handler = logging.StreamHandler(self.stream or sys.stderr)
+        handler.setFormatter(
+            JsonFormatter() if self.format == "json"
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        return handler
+
+    def _configure_root(self) -> None:
+        """Own the root logger: one handler in this format for every logger's records."""
+        root = logging.getLogger()
+        self._saved_root = (root.level, list(root.handlers))
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        handler = self._make_handler()
+        root.addHandler(handler)
+        root.setLevel(self.logger.level)
+        self.logger.propagate = True
+        self._handler = handler
 
     def uninstall(self, master: Master) -> None:
-        """Remove the handler this plugin added, if any."""
-        if self._handler is not None:
+        """Remove the handler this plugin added, if any (with *root*, the root logger's
+        handlers and level are restored)."""
+        if self._handler is None:
+            return
+        if self._saved_root is not None:
+            root = logging.getLogger()
+            root.removeHandler(self._handler)
+            level, handlers = self._saved_root
+            root.setLevel(level)
+            for handler in handlers:
+                root.addHandler(handler)
+            self._saved_root = None
+        else:
             self.logger.removeHandler(self._handler)
-            self.logger.propagate = True
-            self._handler = None
+        self.logger.propagate = True
+        self._handler = None
 
     def _log(self, level: int, worker: Worker, event: str, text: str, *args: Any,
              reason: str | None = None) -> None:
@@ -154,9 +187,26 @@ class Logging:
     def _on_output(self, worker: Worker, stream: str, line: str) -> None:
         out = sys.stdout if stream == "stdout" else sys.stderr
         if self.format == "json":
-            text = json.dumps({"time": round(time.time(), 6), "worker_id": worker.id,
-                               "pid": worker.pid, "stream": stream, "line": line})
+            entry = _json_object(line)
+            if entry is None:  # a plain line: wrapped
+                entry = {"time": round(time.time(), 6), "line": line}
+            # a worker's own JSON line stays as it is, with where it came from added
+            entry.setdefault("worker_id", worker.id)
+            entry.setdefault("pid", worker.pid)
+            entry.setdefault("stream", stream)
+            text = json.dumps(entry, default=str)
         else:
             text = f"[worker {worker.id}] {line}"
         out.write(text + "\n")
         out.flush()
+
+
+def _json_object(line: str) -> dict[str, Any] | None:
+    """*line* as a JSON object, if it is one (a worker that logs JSON itself)."""
+    if not (line.startswith("{") and line.rstrip().endswith("}")):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

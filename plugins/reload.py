@@ -25,6 +25,8 @@ class Reload:
     disconnected, the old worker keeps serving, and ``reload_failed(reason)`` is emitted
     and logged. A reload asked for during a reload runs once more after it, never at the
     same time. Emits ``reloading()`` when a round starts and ``reloaded()`` when it ends well.
+    Each of the three is logged once, here, on the ``pycluster.reload`` logger (with
+    ``event`` and, for a failure, ``reason`` on the record).
 
     Args:
         ready_timeout: seconds a replacement has to become ready.
@@ -96,10 +98,11 @@ class Reload:
     async def _round(self, master: Master) -> bool:
         old = sorted(
             (w for w in master.workers.values()
-             if w.is_connected() and not w.exited_after_disconnect),
+             if w.is_active()),
             key=lambda w: (w.slot, w.id),
         )
-        log.info("reload: replacing %d worker(s), %d at a time", len(old), self.surge)
+        log.info("rolling reload started: replacing %d worker(s), %d at a time", len(old),
+                 self.surge, extra={"event": "reloading"})
         master.emit("reloading")
         for start in range(0, len(old), self.surge):
             batch = [w for w in old[start : start + self.surge] if not w.is_dead()]
@@ -121,14 +124,16 @@ class Reload:
                 for worker in fresh:
                     worker.disconnect()
                 reason = "; ".join(failures) + "; keeping the old worker(s) and stopping the reload"
-                log.error("reload failed: %s", reason)
+                log.error("rolling reload failed: %s", reason,
+                          extra={"event": "reload_failed", "reason": reason})
                 self.failed += 1
                 master.emit("reload_failed", reason)
                 return False
             for worker in batch:
                 worker.disconnect()
         self.completed += 1
-        log.info("reload done: %d worker(s) replaced", len(old))
+        log.info("rolling reload finished: %d worker(s) replaced", len(old),
+                 extra={"event": "reloaded"})
         master.emit("reloaded")
         return True
 

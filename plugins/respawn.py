@@ -184,8 +184,7 @@ class Respawn:
     def _slot_taken(self, slot: int) -> bool:
         master = self._master
         assert master is not None
-        return any(w.slot == slot and not w.exited_after_disconnect
-                   for w in master.workers.values())
+        return any(w.slot == slot and w.is_active() for w in master.workers.values())
 
     def _replace(self, worker: Worker) -> None:
         master = self._master
@@ -201,6 +200,8 @@ class Respawn:
         assert master is not None
         self._gave_up = True
         self._cancel_pending()
-        log.error("respawn gives up: %s; stopping the cluster", reason)
+        log.error("respawn gives up: %s; stopping the cluster", reason,
+                  extra={"event": "respawn_give_up", "worker_id": worker.id, "pid": worker.pid,
+                         "reason": reason})
         master.emit("respawn_give_up", worker, reason)
         master.stop(exit_code=1, reason=f"respawn gave up: {reason}")

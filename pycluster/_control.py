@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ class Control:
             "listen": self._listen,
             "listening": self._listening,
             "ready": self._ready,
+            "heartbeat": self._heartbeat,
             "disconnecting": self._disconnecting,
             "reply": self._reply,
             "plugin": self._plugin,
@@ -144,6 +146,9 @@ class Control:
         worker.emit("ready")
         self._master.emit("ready", worker)
 
+    def _heartbeat(self, worker: Worker, ctl: dict[str, Any]) -> None:
+        worker.last_heartbeat = time.monotonic()
+
     def _disconnecting(self, worker: Worker, ctl: dict[str, Any]) -> None:
         worker.exited_after_disconnect = True
         self._master._arm_deadline(worker)
@@ -178,19 +183,34 @@ class Control:
 
     def request(self, worker: Worker, name: str, data: Any, timeout: float) -> asyncio.Future[Any]:
         """Ask plugin channel *name* of *worker*; see :meth:`PluginChannel.request`."""
+        return self.ask(worker, "plugin", {"ns": name, "data": data}, timeout,
+                        f"request to worker {worker.id} on plugin channel {name!r}",
+                        lambda ctl: ctl.get("data"))
+
+    def ask(self, worker: Worker, act: str, fields: dict[str, Any], timeout: float, what: str,
+            unpack: Callable[[dict[str, Any]], Any]) -> asyncio.Future[Any]:
+        """Send request *act* to *worker*; return a future of ``unpack(reply)``.
+
+        The future fails with :class:`RequestError` when the worker answers an error,
+        its channel closes first, or no answer comes within *timeout* s (``timed_out``).
+
+        Raises:
+            StateError: the master is not running.
+            MessageError: *fields* do not serialize, or are too large.
+            ChannelClosedError: the worker is disconnected or dead.
+        """
         master = self._master
         loop = master._loop
         if loop is None:
             msg = "request() needs a running master (call it from an event handler or a timer)"
             raise StateError(msg)
-        frame_fields = {"ns": name, "data": data}
-        encode_act("plugin", master.settings.max_message_size, **frame_fields)  # fail early
+        limit = master.settings.max_message_size
+        encode_act(act, limit, **fields)  # fail early
         sup = worker._sup
         if sup is None or sup.channel.closed:
             msg = f"cannot ask worker {worker.id}: it is {worker._where()}"
             raise ChannelClosedError(msg)
         future: asyncio.Future[Any] = loop.create_future()
-        what = f"request to worker {worker.id} on plugin channel {name!r}"
 
         def on_reply(ctl: dict[str, Any] | None, fds: list[int]) -> None:
             if future.done():
@@ -200,11 +220,10 @@ class Control:
                 future.set_exception(error)
             else:
                 assert ctl is not None
-                future.set_result(ctl.get("data"))
+                future.set_result(unpack(ctl))
 
         seq = sup.pending.add(on_reply)
-        worker._write_control(encode_act("plugin", master.settings.max_message_size,
-                                          seq=seq, **frame_fields))
+        worker._write_control(encode_act(act, limit, seq=seq, **fields))
 
         def expire() -> None:
             sup.pending.drop(seq)

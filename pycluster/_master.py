@@ -103,7 +103,7 @@ class Master(PluginHost):
             msg = f"slot={slot!r} must be an int >= 0 (the slot of the worker replaced)"
             raise SettingsError(msg)
         if slot is None:
-            taken = {w.slot for w in self._workers.values() if not w.exited_after_disconnect}
+            taken = {w.slot for w in self._workers.values() if w.is_active()}
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
         bind = self._bind_addresses()
         worker = Worker(self._next_id, slot=slot)
@@ -171,6 +171,9 @@ class Master(PluginHost):
         if not hasattr(os, "pidfd_open"):
             self._sigchld = self._watch_sigchld(loop)
         try:
+            if os.getpid() == 1 and "reaper" not in (getattr(p, "name", None)
+                                                     for p in self.plugins):
+                self.use("reaper")  # PID 1 of a container: orphans come to us
             self._bind_addresses()
             self.emit("setup", self.settings)
             deferred, self._deferred = self._deferred, []

@@ -93,10 +93,16 @@ def check_env(value: Mapping[str, str] | None, name: str = "env") -> dict[str, s
     return dict(value)
 
 
+#: The parsed form of ``fd://N``: ``(FD, N)``, an inherited listening socket to adopt.
+FD = "fd"
+
+
 def parse_address(text: str) -> tuple[int | str, ...]:
     """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT``/``PORT`` (all interfaces) or
     ``unix:PATH`` into the arguments of ``pycluster.worker.listen()``: ``(port, host)`` or
-    ``(path,)``.
+    ``(path,)``; or ``fd://N`` (a listening socket this process inherited as file
+    descriptor N, e.g. from systemd) into ``("fd", N)``, which the master adopts instead
+    of binding (workers then get the socket's real address).
 
     Raises:
         SettingsError: *text* is none of those.
@@ -109,6 +115,15 @@ def parse_address(text: str) -> tuple[int | str, ...]:
         raise SettingsError(msg)
     if text.startswith("unix:") and len(text) > 5:
         return (os.path.abspath(text[5:]),)
+    if text.startswith("fd://"):
+        number = text[5:]
+        if not (number.isascii() and number.isdigit()) or int(number) > 2**31 - 1:
+            msg = (
+                f"bind address {text!r}: fd://N needs a file descriptor number, e.g. "
+                "'fd://3' (the first socket systemd passes)"
+            )
+            raise SettingsError(msg)
+        return (FD, int(number))
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = "", text
@@ -117,7 +132,7 @@ def parse_address(text: str) -> tuple[int | str, ...]:
     unbracketed = not bracketed and any(c in host for c in ":[]")
     if unbracketed or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         msg = (
-            f"bind address {text!r} is not HOST:PORT (port 0-65535), :PORT or unix:PATH, "
+            f"bind address {text!r} is not HOST:PORT (port 0-65535), :PORT, unix:PATH or fd://N, "
             "e.g. '127.0.0.1:8000'"
         )
         if unbracketed:
@@ -272,8 +287,9 @@ class Settings:
             dropped.
         max_message_size: largest IPC message in bytes, in both directions.
         bind: addresses workers listen on when they call ``pycluster.worker.listen()``
-            with no port: ``"HOST:PORT"``, ``":PORT"`` or ``"unix:PATH"`` (one or a list).
-            The master binds them before it forks the first worker.
+            with no port: ``"HOST:PORT"``, ``":PORT"``, ``"unix:PATH"`` or ``"fd://N"``
+            (an inherited listening socket, adopted; needs ``"shared"`` scheduling), one
+            or a list. The master binds them before it forks the first worker.
         name: the cluster's name: processes are titled ``pycluster master [NAME]`` and
             ``pycluster worker N [NAME]`` in ``ps`` (default: no title).
     """
@@ -296,6 +312,17 @@ class Settings:
     def __attrs_post_init__(self) -> None:
         if self.exec and self.target:
             msg = f"pass exec= or target=, not both (exec={self.exec!r}, target={self.target!r})"
+            raise SettingsError(msg)
+        fds = [a[1] for a in self.bind if a[0] == FD]
+        if fds and self.scheduling == "reuseport":
+            msg = (
+                f"bind 'fd://{fds[0]}' needs scheduling='shared': an inherited socket is one "
+                "socket, and 'reuseport' binds one per worker slot"
+            )
+            raise SettingsError(msg)
+        if len(set(fds)) != len(fds):
+            dup = next(f for f in fds if fds.count(f) > 1)
+            msg = f"bind lists 'fd://{dup}' twice; each inherited socket is adopted once"
             raise SettingsError(msg)
 
     @classmethod

@@ -108,6 +108,9 @@ class Listeners:
         """
         bound: list[tuple[int | str, ...]] = []
         for address in addresses:
+            if address[0] == "fd":
+                bound.append(self.adopt(int(address[1])))
+                continue
             if len(address) == 1:
                 path = str(address[0])
                 self._prebind_named(path, None, None, path)
@@ -150,6 +153,47 @@ class Listeners:
             key = (host, handle.address.port, 0)[: len(key)]
         self._handles[key] = handle
         return handle.address.port or 0
+
+    def adopt(self, fd: int) -> tuple[int | str, ...]:
+        """Take over the listening socket this process inherited as file descriptor *fd*
+        (``fd://N``, systemd socket activation) instead of binding one, and return its
+        address as ``listen()`` arguments: ``(port, host)`` or ``(path,)``. A worker's
+        ``listen()`` of that address gets this socket. It is made non-blocking (see
+        ``SharedSocket``) and close-on-exec; its unix socket file, if any, is not ours to
+        remove.
+
+        Raises:
+            OSError: *fd* is not open, not a socket, not a listening stream socket, or of
+                a family or name workers cannot ask for; the message says which.
+        """
+        where = f"fd://{fd}"
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            msg = f"cannot adopt {where}: file descriptor {fd} is not open ({exc.strerror})"
+            raise OSError(exc.errno, msg) from None
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            msg = f"cannot adopt {where}: it is not a socket ({exc.strerror})"
+            raise OSError(exc.errno, msg) from None
+        problem = _unfit(sock)
+        if problem is None:
+            args = _listen_args(sock)
+            key: tuple[Any, ...] = ("unix", args[0]) if len(args) == 1 else (args[1], args[0])
+            if key in self._handles:
+                problem = f"{_show(args)} is already bound by this master"
+        if problem is not None:
+            sock.detach()  # not ours after all: leave the descriptor as it was
+            raise OSError(errno.EINVAL, f"cannot adopt {where}: {problem}")
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)  # see SharedSocket: the flag is shared
+        if sock.family == socket.AF_UNIX:
+            address = Address(str(args[0]), None, socket.AF_UNIX)
+        else:
+            address = Address(str(args[1]), int(args[0]), sock.family)
+        self._handles[key] = _Handle(sock, address)
+        return args
 
     def _bind(
         self,
@@ -221,6 +265,39 @@ class Listeners:
                 if stat.S_ISSOCK(now.st_mode) and (now.st_dev, now.st_ino) == (dev, ino):
                     os.unlink(path)
         self._unix_paths.clear()
+
+
+def _unfit(sock: socket.socket) -> str | None:
+    """Why an inherited socket cannot be shared with workers, or ``None`` if it can."""
+    if sock.type != socket.SOCK_STREAM:
+        return f"it is a {sock.type.name} socket, not a stream (TCP or unix) socket"
+    if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        return f"its family {sock.family.name} is not AF_INET, AF_INET6 or AF_UNIX"
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return "it is not listening (a connected or unbound socket, not a server socket)"
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        if not name or isinstance(name, bytes) and name.startswith(b"\0") or (
+            isinstance(name, str) and name.startswith("\0")
+        ):
+            return "it is an unnamed or abstract unix socket; workers ask for a path"
+    return None
+
+
+def _listen_args(sock: socket.socket) -> tuple[int | str, ...]:
+    """A listening socket's address as ``listen()`` arguments: ``(port, host)`` or
+    ``(path,)``."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return (os.path.abspath(os.fsdecode(name)),)
+    return (int(name[1]), str(name[0]))
+
+
+def _show(args: tuple[int | str, ...]) -> str:
+    if len(args) == 1:
+        return f"unix:{args[0]}"
+    port, host = args
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _unix_name(path: str) -> str:

@@ -18,6 +18,7 @@ from ._pluginchannel import WorkerChannel, check_name
 from ._protocol import CONTROL, decode_control, decode_message, encode_control, encode_message
 from ._reader import Dispatcher, exit_code, exit_now, read_frames
 from ._state import WorkerState
+from ._vitals import Vitals
 from ._worker import Worker
 
 __all__ = ["LISTEN_TIMEOUT", "ThisWorker"]
@@ -26,13 +27,18 @@ __all__ = ["LISTEN_TIMEOUT", "ThisWorker"]
 LISTEN_TIMEOUT = 30.0
 
 
-class ThisWorker(Worker):
+class ThisWorker(Vitals, Worker):
     """``pycluster.worker``: this worker process, seen from inside.
 
     Events: ``message(message)`` for each message the master sends, ``disconnect()`` when
     the cluster asks this worker to stop (close your servers, finish the requests in
     flight, then return from your main function), ``error(exc)``. Handlers run on the
-    ``pycluster-ipc`` thread, or on the loop given to :meth:`attach_loop`.
+    ``pycluster-ipc`` thread, or on the loop given to :meth:`attach_loop`. And
+    ``max_requests(count)``, once, on the thread that called :meth:`count_request` when
+    :attr:`requests` reaches :attr:`max_requests`.
+
+    Attributes:
+        requests: requests served, as counted by :meth:`count_request`.
     """
 
     def __init__(
@@ -47,7 +53,7 @@ class ThisWorker(Worker):
         #: The master's ``bind`` addresses, each as ``listen()`` arguments:
         #: ``(port, host)`` or ``(path,)``. ``listen(*address)`` listens on one.
         self.bind: list[tuple[Any, ...]] = []
-        self.state = WorkerState.ONLINE
+        self.state = self.state.to(WorkerState.ONLINE)  # it said so as it connected
         self._master_pid = master_pid
         self._sock = sock
         self._serialization = serialization
@@ -59,7 +65,8 @@ class ThisWorker(Worker):
         self._channels: dict[str, WorkerChannel] = {}
         self._inbox = Dispatcher(self)
         self._acts = {"reply": self._on_reply, "disconnect": self._on_disconnect,
-                      "plugin": self._on_plugin}
+                      "plugin": self._on_plugin, "stacks": self._on_stacks}
+        self._init_vitals()
         self._reader = threading.Thread(target=self._read_loop, name="pycluster-ipc", daemon=True)
 
     def __repr__(self) -> str:
@@ -267,6 +274,7 @@ class ThisWorker(Worker):
 
             loop = asyncio.get_running_loop()
         self._inbox.loop = loop
+        self._start_beating()
 
     # -- reading ---------------------------------------------------------------------
 
@@ -318,6 +326,20 @@ class ThisWorker(Worker):
 
     def _on_disconnect(self, ctl: dict[str, Any], fds: collections.deque[int]) -> None:
         self.disconnect()
+
+    def _on_stacks(self, ctl: dict[str, Any], fds: collections.deque[int]) -> None:
+        """Answer the master's stack request here, on the IPC thread: it must work while
+        the app's thread or loop is stuck (what the watchdog asks before a kill)."""
+        try:
+            from ._stacks import format_stacks  # on first use: traceback is not free
+
+            stacks = format_stacks()
+        except Exception as exc:  # never let a formatting problem end the IPC thread
+            stacks = f"(the stacks could not be formatted: {exc!r})"
+        room = self._limit // 8  # JSON escapes grow it; over the limit ends the channel
+        if len(stacks) > room:
+            stacks = stacks[:room] + "\n(cut: the stacks were longer than the message limit)\n"
+        self._answer(ctl.get("seq"), {"stacks": stacks})
 
     def _on_plugin(self, ctl: dict[str, Any], fds: collections.deque[int]) -> None:
         name, data, seq = ctl.get("ns"), ctl.get("data"), ctl.get("seq")

@@ -9,8 +9,10 @@ from ._emitter import Emitter
 from ._errors import ChannelClosedError, SettingsError
 from ._protocol import encode_control, encode_message
 from ._state import WorkerState
+from ._timers import check_delay
 
 if TYPE_CHECKING:
+    import asyncio
     import subprocess
 
     from ._master import Master
@@ -55,6 +57,8 @@ class Worker(Emitter):
         env: the variables given to ``fork(env=...)`` for it (a replacement reuses them).
         started_at: ``time.monotonic()`` when it was forked.
         exit_code, signal_code: as in the ``exit`` event, once it is dead.
+        last_heartbeat: ``time.monotonic()`` of its last heartbeat (see
+            ``pycluster.worker.heartbeat()``), ``None`` before the first.
     """
 
     def __init__(self, id: int = 0, *, slot: int = 0) -> None:  # noqa: A002 - Node's name
@@ -68,6 +72,7 @@ class Worker(Emitter):
         self.signal_code: str | None = None
         self.env: dict[str, str] = {}
         self.started_at: float | None = None
+        self.last_heartbeat: float | None = None
         self._master: Master | None = None
         self._sup: Supervision | None = None  # the master's hold on the process
 
@@ -106,6 +111,27 @@ class Worker(Emitter):
             msg = f"cannot send to worker {self.id}: it is {self._where()}"
             raise ChannelClosedError(msg)
         sup.channel.write(frame, fds)
+
+    def stacks(self, timeout: float = 1.0) -> asyncio.Future[str]:
+        """Ask the worker for the Python stack of each of its threads; return a future
+        of the text (main thread first, each stack like a traceback).
+
+        The worker answers on its IPC thread, so the answer comes while its app is stuck
+        in Python code or in C code that released the GIL (``time.sleep()``, a blocking
+        read); C code that holds the GIL leaves it unanswered. Call it while the master
+        runs. The future fails with :class:`pycluster.RequestError` (``timed_out`` after
+        *timeout* seconds, or at once if the worker leaves).
+
+        Raises:
+            SettingsError: *timeout* is not a number of seconds > 0.
+            StateError: the master is not running.
+            ChannelClosedError: the worker is disconnected or dead.
+        """
+        timeout = check_delay("timeout", timeout, positive=True)
+        master = self._require_master()
+        return master._control.ask(self, "stacks", {}, timeout,
+                                   f"stack request to worker {self.id}",
+                                   lambda ctl: str(ctl.get("stacks", "")))
 
     def kill(self, signal: int | str = "SIGTERM") -> None:
         """Send *signal* to the worker process; no graceful disconnect first.

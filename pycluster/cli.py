@@ -9,7 +9,6 @@ Respawn, rolling reload on SIGHUP and logging are on by default.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import re
@@ -18,9 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from ._activation import listen_fds
 from ._child import process_title
+from ._emitter import logger as master_log
 from ._errors import PyclusterError
 from ._operate import add_commands, operate
+from ._plugins import load_plugin, plugin_name
+from ._pluginspec import parse_plugin_spec
+from ._settings import TARGET
 
 __all__ = ["default_name", "default_workers", "main"]
 
@@ -89,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
             "Run APP in N worker processes. APP is a script path (each worker runs it) or "
             "'module:function' (each worker calls it). Workers call "
             "pycluster.worker.listen() with no arguments to listen on the --bind address. "
-            "Respawn, rolling reload on SIGHUP and logging are on. Arguments after '--' go "
+            "Respawn, rolling reload on SIGHUP, logging and the reaping of orphans are on, "
+            "and systemd notification when NOTIFY_SOCKET is set. Arguments after '--' go "
             "to the workers (sys.argv[1:])."
         ),
     )
@@ -97,21 +102,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-w", "--workers", type=int, metavar="N",
                      help="worker processes (default: $WEB_CONCURRENCY, else the usable CPUs)")
     run.add_argument("-b", "--bind", action="append", metavar="ADDRESS", default=[],
-                     help="HOST:PORT or unix:PATH workers listen on (repeatable; "
-                          "default 127.0.0.1:8000)")
+                     help="HOST:PORT, unix:PATH or fd://N (an inherited listening socket) "
+                          "workers listen on (repeatable; default: the sockets systemd "
+                          "passes, else 127.0.0.1:8000)")
     run.add_argument("--no-respawn", action="store_true",
                      help="do not replace workers that die unexpectedly")
     run.add_argument("--kill-timeout", type=float, default=30.0, metavar="S",
                      help="seconds a stopping worker gets before SIGKILL (default 30)")
-    run.add_argument("--log-format", choices=("text", "json"), default="text",
-                     help="log lines as text or JSON lines (default text)")
+    run.add_argument("--log-format", choices=("text", "json"), default=None,
+                     help="every log line as text or as JSON (default text); json also "
+                          "captures worker output as JSON lines")
     run.add_argument("--capture-output", action="store_true",
                      help="capture worker stdout/stderr and print it line by line, "
                           "prefixed with the worker id")
     run.add_argument("--scheduling", choices=("shared", "reuseport"), default="shared",
                      help="how workers share a port (default shared)")
-    run.add_argument("--plugin", action="append", metavar="NAME", default=[],
-                     help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--plugin", action="append", metavar="NAME[:KEY=VALUE,...]", default=[],
+                     help="use the plugin registered as NAME, with options (JSON values), "
+                          "e.g. respawn:max_restarts=5,min_delay=0.5 (repeatable; "
+                          "also configures the built-ins respawn, reload, logging, systemd, "
+                          "reaper)")
+    run.add_argument("--timeout", type=float, default=0.0, metavar="S",
+                     help="kill (after logging its stacks) a worker whose app sent no "
+                          "heartbeat for S seconds; respawn replaces it (default 0: off)")
+    run.add_argument("--max-requests", type=int, default=0, metavar="N",
+                     help="replace a worker gracefully after N requests, as counted by "
+                          "pycluster.worker.count_request() (default 0: off)")
+    run.add_argument("--max-requests-jitter", type=int, default=0, metavar="J",
+                     help="each worker's limit is N plus up to J more, at random")
+    run.add_argument("--max-memory", type=float, default=0.0, metavar="MIB",
+                     help="replace a worker gracefully once its RSS is over MIB MiB "
+                          "(default 0: off)")
+    run.add_argument("--max-age", type=float, default=0.0, metavar="S",
+                     help="replace a worker gracefully after S seconds (default 0: off)")
     run.add_argument("--name", metavar="NAME",
                      help="the cluster's name: its control socket and process titles "
                           "(default: from APP); 'pycluster status --name NAME' finds it")
@@ -157,14 +180,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(options: argparse.Namespace) -> int:
     from ._master import Master
-    from ._settings import TARGET
 
+    plugins = _plugin_options(options.plugin)
+    control_options = plugins.pop("control", {})  # always on: --plugin only configures it
+    if options.pid_file is not None:
+        control_options["pid_file"] = options.pid_file
+    log_format = options.log_format or plugins.get("logging", {}).get("format", "text")
+    if options.log_format and plugins.get("logging", {}).get("format", log_format) != log_format:
+        msg = "--log-format and --plugin logging:format=... disagree; give one of them"
+        raise _UsageError(msg)
+    if options.no_respawn and "respawn" in plugins:
+        msg = "--no-respawn and --plugin respawn contradict each other; give one of them"
+        raise _UsageError(msg)
     settings: dict[str, Any] = {
         "kill_timeout": options.kill_timeout,
         "scheduling": options.scheduling,
-        "silent": options.capture_output,
-        "bind": options.bind or ["127.0.0.1:8000"],
+        "silent": options.capture_output or log_format == "json",
     }
+    settings["bind"], activation_warning = _bind_addresses(options.bind)
     settings["args"] = options.args
     app = options.app
     if os.path.isfile(app) or app.endswith(".py"):
@@ -181,20 +214,33 @@ def _run(options: argparse.Namespace) -> int:
     if options.kill_timeout < 0 or not math.isfinite(options.kill_timeout):
         msg = f"--kill-timeout {options.kill_timeout} must be a number of seconds >= 0"
         raise _UsageError(msg)
+    _check_guards(options)
     settings["name"] = options.name or default_name(app)
     master = Master(**settings)
-    master.use("logging", format=options.log_format)
-    if not options.no_respawn:
-        master.use("respawn")
-    master.use("reload")
-    for name in options.plugin:
-        master.use(name)
+    plugins["logging"] = {"root": True, **plugins.get("logging", {}), "format": log_format}
+    if options.timeout:
+        plugins["watchdog"] = {**plugins.get("watchdog", {}), "timeout": options.timeout}
+    if options.max_requests or options.max_memory or options.max_age:
+        plugins["recycle"] = {**plugins.get("recycle", {}), "max_requests": options.max_requests,
+                              "max_requests_jitter": options.max_requests_jitter,
+                              "max_memory": options.max_memory, "max_age": options.max_age}
+    defaults = ["logging", "respawn", "reaper", "reload"]
+    if options.no_respawn:
+        defaults.remove("respawn")
+    if os.environ.get("NOTIFY_SOCKET"):
+        defaults.append("systemd")  # started by systemd with Type=notify
+    names = defaults + [name for name in plugins if name not in defaults]
+    # every plugin is made (its options checked) before any is installed
+    made = [load_plugin(name, plugins.get(name, {})) for name in names]
+    control = load_plugin("control", control_options)
+    for plugin in made:
+        master.use(plugin)
+        if activation_warning and plugin_name(plugin) == "logging":
+            master_log().warning("%s", activation_warning)
     listened: list[bool] = []
     stopped: list[bool] = []
     master.once("listening", lambda worker, address: listened.append(True))
     master.once("stop", lambda: stopped.append(True))
-    control: Any = importlib.import_module("pycluster.plugins.control").ControlSocket(
-        pid_file=options.pid_file)
     master.use(control)  # a name already taken fails here, before any worker starts
     process_title(f"pycluster master [{settings['name']}]")
     try:
@@ -211,6 +257,44 @@ def _run(options: argparse.Namespace) -> int:
         print("pycluster: warning: every worker exited without listening; does "
               f"{app!r} call pycluster.worker.listen()?", file=sys.stderr)
     return code
+
+
+def _check_guards(options: argparse.Namespace) -> None:
+    """Usage errors for the watchdog and recycling options, by their command-line names."""
+    for flag, value in (("--timeout", options.timeout), ("--max-memory", options.max_memory),
+                        ("--max-age", options.max_age)):
+        if not math.isfinite(value) or value < 0:
+            unit = "MiB" if flag == "--max-memory" else "seconds"
+            msg = f"{flag} {value:g} must be a number of {unit} >= 0 (0 = off)"
+            raise _UsageError(msg)
+    for flag, count in (("--max-requests", options.max_requests),
+                        ("--max-requests-jitter", options.max_requests_jitter)):
+        if count < 0:
+            msg = f"{flag} {count} must be a whole number >= 0 (0 = off)"
+            raise _UsageError(msg)
+    if options.max_requests_jitter and not options.max_requests:
+        msg = "--max-requests-jitter needs --max-requests (the jitter is added to it)"
+        raise _UsageError(msg)
+
+
+def _plugin_options(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--plugin`` values by plugin name, in order; the options of a name given twice
+    are merged (the later value of a key wins)."""
+    found: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, plugin_options = parse_plugin_spec(spec)
+        found.setdefault(name, {}).update(plugin_options)
+    return found
+
+
+def _bind_addresses(binds: list[str]) -> tuple[list[str], str | None]:
+    """The ``--bind`` addresses, after the sockets systemd passed (``LISTEN_FDS``) unless
+    an ``fd://N`` is given explicitly, or ``127.0.0.1:8000`` when there are none; and a
+    warning about inherited sockets meant for another process, if any."""
+    inherited, warning = listen_fds()
+    if any(b.startswith("fd://") for b in binds):
+        inherited = []
+    return (inherited + binds) or ["127.0.0.1:8000"], warning
 
 
 def default_name(app: str) -> str:

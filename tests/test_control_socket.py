@@ -670,3 +670,20 @@ def test_client_help_names_the_options(capsys):
     assert cli.main(["status", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--name" in out and "--json" in out and "--timeout" in out
+
+
+def test_plugin_option_configures_the_one_control_socket(tmp_path, capsys):
+    """`--plugin control:KEY=VALUE` configures the control socket that `pycluster run`
+    always has (one socket, not a second one fighting the first for the name); an unknown
+    option is a usage error."""
+    proc = start(tmp_path, "opt", "--plugin", "control:max_clients=2", workers=1)
+    try:
+        assert status("opt")["pid"] == proc.pid
+    finally:
+        assert stop(proc) == 0
+        proc.finish()
+    script(tmp_path, APP, "app.py")
+    argv = ["run", str(tmp_path / "app.py"), "--bind", "127.0.0.1:0",
+                        "--plugin", "control:bogus=1"]
+    code, _, err = client(capsys, *argv)
+    assert code == 2 and "bogus" in err and "Traceback" not in err

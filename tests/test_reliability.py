@@ -353,6 +353,7 @@ class LeakRun:
         self._watcher.join(DEADLINE)
 
 
+@pytest.mark.timeout(600)  # 300 interpreter starts: minutes on a 2-CPU machine under load
 def test_fork_exit_cycles_leak_no_fd_no_memory_and_no_zombie(tmp_path, capsys):
     """300 workers that exit at once, 10 at a time, on one master: at every point where
     no worker runs, the master's open fds are the same as after the first batches and

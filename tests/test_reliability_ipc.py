@@ -128,6 +128,15 @@ def expect(data: bytes) -> tuple[bool, list[Any]] | None:
     return True, messages
 
 
+def nesting(value: Any) -> int | None:
+    """How deep *value* nests lists that each hold the next (``[[[]]]``: 3), else None;
+    counted without recursion, which such values would exhaust."""
+    depth = 0
+    while isinstance(value, list) and len(value) == 1:
+        depth, value = depth + 1, value[0]
+    return depth + 1 if value == [] else None
+
+
 def frame(kind: int, payload: bytes) -> bytes:
     return HEADER.pack(len(payload), kind) + payload
 
@@ -315,7 +324,12 @@ def test_hostile_bytes_never_crash_or_stall_the_master(cluster, case):
     and as user frames), written by a fresh worker each: the master's outcome matches the
     model (valid: messages delivered as they are, exit 0, no error; invalid: one
     ProtocolError naming the worker on its handle and the master, SIGKILL), the master's
-    loop keeps answering, and the long-lived good worker still echoes and serves HTTP."""
+    loop keeps answering, and the long-lived good worker still echoes and serves HTTP.
+
+    Deeply nested JSON may go either way: how deep the json module decodes is the
+    interpreter's limit (about 1,000 levels on 3.11, 1,500 on 3.12, 10,000 on 3.13), not
+    the protocol's. Either outcome must be a whole one: the value delivered intact and
+    exit 0, or one ProtocolError and SIGKILL."""
     decided = {"valid": 0, "invalid": 0}
 
     @settings(max_examples=12, deadline=None, database=None,
@@ -330,10 +344,17 @@ def test_hostile_bytes_never_crash_or_stall_the_master(cluster, case):
         before = len(cluster.errors)
         worker, errors = cluster.hostile(data)
         new = cluster.errors[before:]
+        got = cluster.messages.get(worker.id, [])
+        if case == "deep json":
+            valid = not new  # the interpreter's nesting limit decides; the master must not care
         if valid:
             assert (new, errors) == ([], [])
             assert (worker.exit_code, worker.signal_code) == (0, None)
-            assert json.dumps(cluster.messages.get(worker.id, [])) == json.dumps(messages)
+            if case == "deep json":  # one list nested as deep as the brackets, if a user frame
+                user = data[4] == 1
+                assert [nesting(m) for m in got] == ([data[5:].count(b"[")] if user else [])
+            else:
+                assert json.dumps(got) == json.dumps(messages)
             decided["valid"] += 1
         else:
             assert len(new) == 1, new
@@ -346,5 +367,5 @@ def test_hostile_bytes_never_crash_or_stall_the_master(cluster, case):
 
     check()
     assert sum(decided.values()) > 0
-    if case in ("truncated frame", "huge length", "invalid utf-8", "deep json"):
+    if case in ("truncated frame", "huge length", "invalid utf-8"):
         assert decided["valid"] == 0
