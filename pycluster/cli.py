@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="use the plugin registered as NAME, with options (JSON values), "
                           "e.g. respawn:max_restarts=5,min_delay=0.5 (repeatable; "
                           "also configures the built-ins respawn, reload, logging, systemd, "
-                          "reaper)")
+                          "reaper, control)")
     run.add_argument("--timeout", type=float, default=0.0, metavar="S",
                      help="kill (after logging its stacks) a worker whose app sent no "
                           "heartbeat for S seconds; respawn replaces it (default 0: off)")
