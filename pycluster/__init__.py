@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._child import run_setups, setup
+from ._child import in_template, run_setups, setup
 from ._errors import (
     BOOT_FAILURE,
     ChannelClosedError,
@@ -69,8 +69,8 @@ __version__ = "0.1.0.dev0"
 
 #: This process's worker (``None`` in the primary).
 worker: ThisWorker | None = setup()
-#: True in the primary (master) process.
-is_primary: bool = worker is None
+#: True in the primary (master) process (false in a fork server's template too).
+is_primary: bool = worker is None and not in_template()
 #: Same as :data:`is_primary` (Node's older name).
 is_master: bool = is_primary
 #: True in a worker process.

@@ -23,9 +23,19 @@ from ._protocol import DEFAULT_MAX_MESSAGE, encode_control
 from ._reader import exit_now
 from ._thisworker import ThisWorker
 
-__all__ = ["load", "process_title", "run_setups", "setup"]
+__all__ = ["in_template", "load", "process_title", "run_setups", "setup", "template_env"]
 
 _PR_SET_PDEATHSIG = 1
+#: In a fork server's template process: the ``PYCLUSTER_*`` variables its master gave it
+#: (read and removed from ``os.environ`` as ``pycluster`` is imported); else empty.
+template_env: dict[str, str] = {}
+
+
+def in_template() -> bool:
+    """Whether this process is a fork server's template (``start_method="forkserver"``):
+    not the primary, and not a worker yet (``pycluster.worker`` is ``None`` until the
+    template forks this process into one)."""
+    return bool(template_env)
 
 
 def setup() -> ThisWorker | None:
@@ -38,6 +48,9 @@ def setup() -> ThisWorker | None:
     """
     env = os.environ
     if "PYCLUSTER_WORKER_ID" not in env:
+        if "PYCLUSTER_TEMPLATE_FD" in env:  # a fork server's template: see _template.py
+            names = [k for k in env if k.startswith("PYCLUSTER_")]
+            template_env.update({k: env.pop(k) for k in names})
         return None
     mine = {k: env.pop(k) for k in [k for k in env if k.startswith("PYCLUSTER_")]}
     try:
@@ -118,6 +131,12 @@ def process_title(title: str) -> None:
             comm.write(title.replace("pycluster ", "pyc-"))
     except OSError:
         pass
+
+
+def arm_parent_death_signal() -> None:
+    """Die (SIGTERM) when the parent dies: ``PR_SET_PDEATHSIG``, which a fork clears and
+    which is tied to the parent of the moment (re-arm it after a reparenting)."""
+    _arm_parent_death_signal()
 
 
 def _arm_parent_death_signal() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -16,12 +17,13 @@ from ._channel import Channel
 from ._control import Control
 from ._emitter import logger
 from ._errors import ProtocolError, SettingsError, StateError
+from ._forkserver import ForkedProcess, ForkServer
 from ._host import PluginHost
 from ._output import OutputReader
 from ._settings import Settings, check_env
 from ._signals import Signals
 from ._sockets import Listeners
-from ._spawn import main_command, spawn
+from ._spawn import main_command, spawn, worker_env
 from ._state import WorkerState
 from ._supervise import Supervision
 from ._timers import check_delay
@@ -38,7 +40,8 @@ class Master(PluginHost):
     Args:
         **settings: see :class:`pycluster.Settings` (``exec``, ``target``, ``args``,
             ``env``, ``cwd``, ``silent``, ``scheduling``, ``serialization``,
-            ``kill_timeout``, ``uid``, ``gid``, ``max_message_size``, ``bind``, ``name``).
+            ``kill_timeout``, ``uid``, ``gid``, ``max_message_size``, ``bind``, ``name``,
+            ``start_method``).
 
     Events (on a worker's handle first, then here with the worker first):
     ``fork(worker)``, ``online(worker)``, ``listening(worker, address)``,
@@ -73,6 +76,9 @@ class Master(PluginHost):
         self._sigchld = False  # whether SIGCHLD reaps (where pidfd is missing)
         #: Why the cluster stopped, when :meth:`stop` was given a reason (a plugin gave up).
         self.stop_reason: str | None = None
+        self._forkserver: ForkServer | None = None
+        if self.settings.start_method == "forkserver":
+            self._forkserver = ForkServer.for_master(self)
 
     # -- forking -----------------------------------------------------------------------
 
@@ -107,8 +113,14 @@ class Master(PluginHost):
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
         bind = self._bind_addresses()
         worker = Worker(self._next_id, slot=slot)
-        process, sock = spawn(self.settings, self._command, worker.id, extra, bind,
-                              self._setups)
+        process: subprocess.Popen[bytes] | ForkedProcess
+        if self._forkserver is not None:
+            process, sock = self._forkserver.fork(
+                worker_env(self.settings, worker.id, extra, bind, self._setups),
+                self.settings.silent)
+        else:
+            process, sock = spawn(self.settings, self._command, worker.id, extra, bind,
+                                  self._setups)
         self._next_id += 1
         channel = Channel(
             sock,
@@ -175,6 +187,8 @@ class Master(PluginHost):
                                                      for p in self.plugins):
                 self.use("reaper")  # PID 1 of a container: orphans come to us
             self._bind_addresses()
+            if self._forkserver is not None:
+                self._forkserver.attach(loop)
             self.emit("setup", self.settings)
             deferred, self._deferred = self._deferred, []
             for call in deferred:
@@ -232,7 +246,10 @@ class Master(PluginHost):
     def reload(self) -> None:
         """Ask the installed reload plugin for a rolling reload (what SIGHUP does).
 
-        Emits ``reload()``.
+        Emits ``reload()``. With ``start_method="forkserver"`` (and a running master) a
+        new template imports the app first and ``reload()`` is emitted once it has, so
+        the replacements run the new code; if it cannot import the app,
+        ``reload_failed(reason)`` is emitted instead and no worker is touched.
 
         Raises:
             StateError: no plugin handles ``reload`` (install one: ``master.use("reload")``).
@@ -240,6 +257,9 @@ class Master(PluginHost):
         if not self.has_listeners("reload"):
             msg = "nothing handles reload(); install the reload plugin: master.use('reload')"
             raise StateError(msg)
+        if self._forkserver is not None and self._loop is not None:
+            self._forkserver.reload()  # a new template loads the new code first
+            return
         self.emit("reload")
 
     @property
@@ -395,6 +415,8 @@ class Master(PluginHost):
             if worker._sup is not None:
                 worker._sup.kill_and_wait(5)
             self._reap(worker, force=True)
+        if self._forkserver is not None:
+            self._forkserver.close()
         self._listeners.close()
 
 

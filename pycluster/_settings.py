@@ -20,6 +20,7 @@ SCHEDULING = ("shared", "reuseport")
 TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SERIALIZATION = ("json", "pickle")
+START_METHODS = ("spawn", "forkserver")
 
 
 def _path(name: str, value: Any) -> str:
@@ -254,6 +255,10 @@ def _serialization(value: Any) -> str:
     return _choice("serialization", SERIALIZATION)(value)
 
 
+def _start_method(value: Any) -> str:
+    return _choice("start_method", START_METHODS)(value)
+
+
 def _uid(value: Any) -> int | None:
     return _ident("uid")(value)
 
@@ -292,6 +297,9 @@ class Settings:
             or a list. The master binds them before it forks the first worker.
         name: the cluster's name: processes are titled ``pycluster master [NAME]`` and
             ``pycluster worker N [NAME]`` in ``ps`` (default: no title).
+        start_method: ``"spawn"`` (every worker is a fresh interpreter) or
+            ``"forkserver"`` (a template process imports the ``target``'s module once and
+            forks every worker from it: faster starts, shared memory; needs ``target``).
     """
 
     exec: str | None = attrs.field(default=None, converter=_exec)
@@ -308,6 +316,7 @@ class Settings:
     max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE, converter=_size)
     bind: tuple[tuple[int | str, ...], ...] = attrs.field(default=(), converter=_bind)
     name: str | None = attrs.field(default=None, converter=_name)
+    start_method: str = attrs.field(default="spawn", converter=_start_method)
 
     def __attrs_post_init__(self) -> None:
         if self.exec and self.target:
@@ -323,6 +332,14 @@ class Settings:
         if len(set(fds)) != len(fds):
             dup = next(f for f in fds if fds.count(f) > 1)
             msg = f"bind lists 'fd://{dup}' twice; each inherited socket is adopted once"
+            raise SettingsError(msg)
+        if self.start_method == "forkserver" and not self.target:
+            msg = (
+                "start_method='forkserver' needs target='package.module:function': the fork "
+                "server imports that module once and forks every worker from it; a script "
+                "runs its whole program at import, so there is nothing it could preload "
+                "safely (use start_method='spawn' for a script)"
+            )
             raise SettingsError(msg)
 
     @classmethod

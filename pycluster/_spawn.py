@@ -12,7 +12,7 @@ from typing import IO
 from ._errors import SettingsError
 from ._settings import Settings
 
-__all__ = ["ENV_PREFIX", "main_command", "spawn"]
+__all__ = ["ENV_PREFIX", "main_command", "popen_options", "spawn", "worker_env"]
 
 #: Every variable pycluster sets for a worker starts with this.
 ENV_PREFIX = "PYCLUSTER_"
@@ -59,6 +59,59 @@ def main_command(settings: Settings) -> list[str]:
     return [sys.executable, *options, *program, *args]
 
 
+def worker_env(
+    settings: Settings,
+    worker_id: int,
+    env: dict[str, str],
+    bind: list[tuple[int | str, ...]],
+    setups: list[str],
+) -> dict[str, str]:
+    """The whole environment of worker *worker_id*, except ``PYCLUSTER_IPC_FD`` (the fd's
+    number is only known where the worker starts): the master's own variables without
+    any ``PYCLUSTER_*``, then ``settings.env``, then *env*, then pycluster's own."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    child_env.update(settings.env)
+    child_env.update(env)
+    child_env.update(
+        {
+            "PYCLUSTER_WORKER_ID": str(worker_id),
+            "PYCLUSTER_MASTER_PID": str(os.getpid()),
+            "PYCLUSTER_SERIALIZATION": settings.serialization,
+            "PYCLUSTER_MAX_MESSAGE": str(settings.max_message_size),
+            "PYCLUSTER_BIND": json.dumps(bind),
+        }
+    )
+    if settings.name:
+        child_env["PYCLUSTER_NAME"] = settings.name
+    if setups:
+        child_env["PYCLUSTER_SETUP"] = json.dumps(setups)
+    return child_env
+
+
+def popen_options(settings: Settings) -> dict[str, object]:
+    """``subprocess.Popen`` keyword arguments every process a master starts gets: its own
+    process group (Ctrl-C reaches the master only; it stops the workers), and the
+    ``uid``/``gid`` of the settings."""
+    kwargs: dict[str, object] = {}
+    if sys.version_info >= (3, 11):
+        kwargs["process_group"] = 0
+    else:
+        kwargs["start_new_session"] = True
+    if settings.uid is not None or settings.gid is not None:
+        gid = settings.gid
+        if gid is None:  # not root's group 0: the user's own primary group
+            import pwd
+
+            try:
+                gid = pwd.getpwuid(settings.uid).pw_gid  # type: ignore[arg-type]
+            except KeyError:
+                gid = settings.uid
+        kwargs["user"] = settings.uid
+        kwargs["group"] = gid
+        kwargs["extra_groups"] = []
+    return kwargs
+
+
 def spawn(
     settings: Settings,
     command: list[str],
@@ -74,41 +127,10 @@ def spawn(
     hooks the worker calls as it starts (:meth:`Master.worker_setup`).
     """
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    child_env.update(settings.env)
-    child_env.update(env)
-    child_env.update(
-        {
-            "PYCLUSTER_WORKER_ID": str(worker_id),
-            "PYCLUSTER_IPC_FD": str(theirs.fileno()),
-            "PYCLUSTER_MASTER_PID": str(os.getpid()),
-            "PYCLUSTER_SERIALIZATION": settings.serialization,
-            "PYCLUSTER_MAX_MESSAGE": str(settings.max_message_size),
-            "PYCLUSTER_BIND": json.dumps(bind),
-        }
-    )
-    if settings.name:
-        child_env["PYCLUSTER_NAME"] = settings.name
-    if setups:
-        child_env["PYCLUSTER_SETUP"] = json.dumps(setups)
+    child_env = worker_env(settings, worker_id, env, bind, setups)
+    child_env["PYCLUSTER_IPC_FD"] = str(theirs.fileno())
     out: int | IO[bytes] | None = subprocess.PIPE if settings.silent else None
-    kwargs: dict[str, object] = {}
-    if sys.version_info >= (3, 11):
-        kwargs["process_group"] = 0  # Ctrl-C reaches the master only; it stops the workers
-    else:
-        kwargs["start_new_session"] = True
-    if settings.uid is not None or settings.gid is not None:
-        gid = settings.gid
-        if gid is None:  # not root's group 0: the user's own primary group
-            import pwd
-
-            try:
-                gid = pwd.getpwuid(settings.uid).pw_gid  # type: ignore[arg-type]
-            except KeyError:
-                gid = settings.uid
-        kwargs["user"] = settings.uid
-        kwargs["group"] = gid
-        kwargs["extra_groups"] = []
+    kwargs = popen_options(settings)
     try:
         process = subprocess.Popen(
             command,

@@ -1,9 +1,10 @@
 """What the master holds for one worker process, owned in one place and released in one.
 
-A :class:`Supervision` owns the worker's ``Popen``, its IPC :class:`Channel`, its pidfd
-(how the loop learns of its exit), the SIGKILL deadline of a leaving worker, the readers
-of its output pipes, and its requests that wait for a reply. :meth:`Supervision.release`
-undoes all of it, once, when the worker has exited.
+A :class:`Supervision` owns the worker's process (a ``subprocess.Popen``, or for
+``start_method="forkserver"`` a :class:`~pycluster._forkserver.ForkedProcess`), its IPC
+:class:`Channel`, its pidfd (how the loop learns of its exit), the SIGKILL deadline of a
+leaving worker, the readers of its output pipes, and its requests that wait for a reply.
+:meth:`Supervision.release` undoes all of it, once, when the worker has exited.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from ._channel import Channel
+    from ._forkserver import ForkedProcess
 
 __all__ = ["Supervision"]
 
@@ -30,7 +32,7 @@ class Supervision:
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | ForkedProcess,
         channel: Channel,
         outputs: list[OutputReader],
     ) -> None:

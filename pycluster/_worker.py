@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import asyncio
     import subprocess
 
+    from ._forkserver import ForkedProcess
     from ._master import Master
     from ._supervise import Supervision
 
@@ -47,7 +48,9 @@ class Worker(Emitter):
 
     Attributes:
         id: 1, 2, 3 … in fork order, never reused.
-        process: the :class:`subprocess.Popen` of the worker.
+        process: the :class:`subprocess.Popen` of the worker (with
+            ``start_method="forkserver"``, an object with the same ``pid``, ``poll()``,
+            ``wait()``, ``send_signal()``, ``terminate()``, ``kill()`` and ``returncode``).
         state: a :class:`WorkerState`.
         exited_after_disconnect: ``None`` until it disconnects or exits; then ``True``
             if ``disconnect()`` was called on either side or the worker called ``kill()``
@@ -65,7 +68,7 @@ class Worker(Emitter):
         super().__init__()
         self.id = id
         self.slot = slot
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | ForkedProcess | None = None
         self.state = WorkerState.NONE
         self.exited_after_disconnect: bool | None = None
         self.exit_code: int | None = None

@@ -135,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
                           "(default 0: off)")
     run.add_argument("--max-age", type=float, default=0.0, metavar="S",
                      help="replace a worker gracefully after S seconds (default 0: off)")
+    run.add_argument("--start-method", choices=("spawn", "forkserver"), default="spawn",
+                     help="spawn: every worker is a fresh interpreter (default); forkserver: "
+                          "a template process imports APP ('module:function' only) once and "
+                          "forks each worker from it (fast starts, shared memory)")
     run.add_argument("--name", metavar="NAME",
                      help="the cluster's name: its control socket and process titles "
                           "(default: from APP); 'pycluster status --name NAME' finds it")
@@ -196,11 +200,17 @@ def _run(options: argparse.Namespace) -> int:
         "kill_timeout": options.kill_timeout,
         "scheduling": options.scheduling,
         "silent": options.capture_output or log_format == "json",
+        "start_method": options.start_method,
     }
     settings["bind"], activation_warning = _bind_addresses(options.bind)
     settings["args"] = options.args
     app = options.app
     if os.path.isfile(app) or app.endswith(".py"):
+        if options.start_method == "forkserver":
+            msg = (f"--start-method forkserver needs APP as 'module:function', not the script "
+                   f"{app!r}: a script runs its whole program at import, so the fork server "
+                   "has nothing it could preload safely")
+            raise _UsageError(msg)
         settings["exec"] = app
     elif TARGET.match(app):
         settings["target"] = app
