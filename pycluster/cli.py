@@ -21,6 +21,7 @@ from ._activation import listen_fds
 from ._child import process_title
 from ._emitter import logger as master_log
 from ._errors import PyclusterError
+from ._operate import add_commands, operate
 from ._plugins import load_plugin, plugin_name
 from ._pluginspec import parse_plugin_spec
 from ._settings import TARGET
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="use the plugin registered as NAME, with options (JSON values), "
                           "e.g. respawn:max_restarts=5,min_delay=0.5 (repeatable; "
                           "also configures the built-ins respawn, reload, logging, systemd, "
-                          "reaper)")
+                          "reaper, control)")
     run.add_argument("--timeout", type=float, default=0.0, metavar="S",
                      help="kill (after logging its stacks) a worker whose app sent no "
                           "heartbeat for S seconds; respawn replaces it (default 0: off)")
@@ -142,8 +143,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="serve /metrics (Prometheus), /healthz and /readyz from the master "
                           "on HOST:PORT (needs prometheus_client for the app's own metrics)")
     run.add_argument("--name", metavar="NAME",
-                     help="the cluster's name, shown by ps in the process titles "
-                          "(default: from APP)")
+                     help="the cluster's name: its control socket and process titles "
+                          "(default: from APP); 'pycluster status --name NAME' finds it")
+    run.add_argument("--pid-file", metavar="PATH",
+                     help="write the master's pid to PATH (removed at exit)")
+    add_commands(commands)
     return parser
 
 
@@ -165,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if options.command != "run":
+            return operate(options)
         return _run(options)
     except _UsageError as exc:
         print(f"pycluster: error: {exc}", file=sys.stderr)
@@ -175,12 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(exc, ValueError) else 1
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:  # Ctrl-C while a client command waits
+        return 130
 
 
 def _run(options: argparse.Namespace) -> int:
     from ._master import Master
 
     plugins = _plugin_options(options.plugin)
+    control_options = plugins.pop("control", {})  # always on: --plugin only configures it
+    if options.pid_file is not None:
+        control_options["pid_file"] = options.pid_file
     log_format = options.log_format or plugins.get("logging", {}).get("format", "text")
     if options.log_format and plugins.get("logging", {}).get("format", log_format) != log_format:
         msg = "--log-format and --plugin logging:format=... disagree; give one of them"
@@ -236,6 +247,7 @@ def _run(options: argparse.Namespace) -> int:
     names = defaults + [name for name in plugins if name not in defaults]
     # every plugin is made (its options checked) before any is installed
     made = [load_plugin(name, plugins.get(name, {})) for name in names]
+    control = load_plugin("control", control_options)
     for plugin in made:
         try:  # metrics binds its address here, before any worker forks
             master.use(plugin)
@@ -248,14 +260,16 @@ def _run(options: argparse.Namespace) -> int:
     stopped: list[bool] = []
     master.once("listening", lambda worker, address: listened.append(True))
     master.once("stop", lambda: stopped.append(True))
+    master.use(control)  # a name already taken fails here, before any worker starts
     process_title(f"pycluster master [{settings['name']}]")
     try:
         for _ in range(workers):
             master.fork()
     except OSError as exc:  # a --bind address is in use or not ours: no worker started
+        control.close()
         print(f"pycluster: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    code = master.run()
+    code: int = master.run()
     if master.stop_reason and code:
         print(f"pycluster: stopped: {master.stop_reason}", file=sys.stderr)
     elif not listened and not stopped:

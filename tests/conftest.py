@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 
 import psutil
@@ -12,6 +14,21 @@ import pytest
 from pycluster._procfs import open_fds
 
 _OURS = ("socket:", "pipe:", "anon_inode:[pidfd]")
+_RUNTIME: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this test run its own control directory ($XDG_RUNTIME_DIR/pycluster), so the
+    clusters the tests start (and their names) never meet another run's or a user's."""
+    path = tempfile.mkdtemp(prefix="pycluster-tests-")
+    _RUNTIME.append(path)
+    os.environ["XDG_RUNTIME_DIR"] = path
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's control directory."""
+    for path in _RUNTIME:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
