@@ -13,10 +13,11 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import __version__
+from ._apps import HTTP_IMPLEMENTATIONS, INTERFACES, ServeOptions
 from ._errors import PyclusterError
 
 __all__ = ["default_workers", "main"]
@@ -84,23 +85,28 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run APP in N workers",
         description=(
-            "Run APP in N worker processes. APP is a script path (each worker runs it) or "
-            "'module:function' (each worker calls it). Workers call "
-            "pycluster.worker.listen() with no arguments to listen on the --bind address. "
+            "Run APP in N worker processes. APP is 'module:app', an ASGI app (served by "
+            "uvicorn) or a WSGI app (served by waitress); 'module:function', which each "
+            "worker calls; or a script path, which each worker runs. A function or script "
+            "calls pycluster.worker.listen() with no arguments to listen on the --bind "
+            "address. "
             "Respawn, rolling reload on SIGHUP and logging are on. Arguments after '--' go "
             "to the workers (sys.argv[1:])."
         ),
     )
-    run.add_argument("app", metavar="APP", help="script.py or module:function")
+    run.add_argument("app", metavar="APP",
+                     help="module:app (an ASGI or WSGI app), module:function, or script.py")
     run.add_argument("-w", "--workers", type=int, metavar="N",
                      help="worker processes (default: $WEB_CONCURRENCY, else the usable CPUs)")
     run.add_argument("-b", "--bind", action="append", metavar="ADDRESS", default=[],
                      help="HOST:PORT or unix:PATH workers listen on (repeatable; "
-                          "default 127.0.0.1:8000)")
+                          "default 0.0.0.0:$PORT when PORT is set, else 127.0.0.1:8000)")
     run.add_argument("--no-respawn", action="store_true",
                      help="do not replace workers that die unexpectedly")
-    run.add_argument("--kill-timeout", type=float, default=30.0, metavar="S",
-                     help="seconds a stopping worker gets before SIGKILL (default 30)")
+    run.add_argument("--graceful-timeout", "--kill-timeout", dest="graceful_timeout",
+                     type=float, default=30.0, metavar="S",
+                     help="seconds a stopping worker gets to finish its requests before "
+                          "SIGKILL (default 30)")
     run.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="log lines as text or JSON lines (default text)")
     run.add_argument("--capture-output", action="store_true",
@@ -110,7 +116,118 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    _add_app_options(run)
     return parser
+
+
+def _add_app_options(run: argparse.ArgumentParser) -> None:
+    app = run.add_argument_group("serving an ASGI or WSGI app (APP is module:app)")
+    app.add_argument("--interface", choices=INTERFACES, default="auto",
+                     help="what APP is: auto detects an ASGI app, a WSGI app or a function "
+                          "to call (default auto)")
+    app.add_argument("--factory", action="store_true",
+                     help="APP is a function that returns the app")
+    app.add_argument("--proxy-headers", action="store_true",
+                     help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips")
+    app.add_argument("--forwarded-allow-ips", metavar="IPS",
+                     default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+                     help="proxies whose forwarded headers are trusted ('*' for all; "
+                          "default $FORWARDED_ALLOW_IPS, else 127.0.0.1)")
+    app.add_argument("--root-path", default="", metavar="PATH",
+                     help="the path prefix the app is mounted under behind a proxy")
+    app.add_argument("--keep-alive", type=int, default=5, metavar="S",
+                     help="seconds an idle keep-alive connection stays open (default 5)")
+    app.add_argument("--limit-concurrency", type=int, metavar="N",
+                     help="connections per worker beyond which new ones get 503")
+    app.add_argument("--ssl-keyfile", metavar="FILE", help="TLS private key (ASGI)")
+    app.add_argument("--ssl-certfile", metavar="FILE", help="TLS certificate (ASGI)")
+    app.add_argument("--http", choices=HTTP_IMPLEMENTATIONS, default="auto",
+                     help="uvicorn's HTTP implementation (default auto: httptools if "
+                          "installed)")
+    app.add_argument("--threads", type=int, default=4, metavar="N",
+                     help="request threads per worker for a WSGI app (default 4)")
+    app.add_argument("--access-log", action="store_true",
+                     help="log one line per request (off by default)")
+
+
+def _default_bind(environ: Mapping[str, str] | None = None) -> str:
+    """``0.0.0.0:$PORT`` when ``PORT`` is set (Heroku, gunicorn), else ``127.0.0.1:8000``."""
+    port = (os.environ if environ is None else environ).get("PORT", "").strip()
+    if not port:
+        return "127.0.0.1:8000"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        msg = f"PORT={port!r} must be a port number from 0 to 65535"
+        raise _UsageError(msg)
+    return f"0.0.0.0:{port}"
+
+
+def _app_settings(options: argparse.Namespace) -> dict[str, Any]:
+    """The master settings (``exec`` or ``target``, ``args``) that run APP in each worker."""
+    app = options.app
+    if options.graceful_timeout < 0 or not math.isfinite(options.graceful_timeout):
+        msg = f"--graceful-timeout {options.graceful_timeout} must be a number of seconds >= 0"
+        raise _UsageError(msg)
+    if os.path.isfile(app) or app.endswith(".py"):
+        if not os.path.isfile(app):
+            msg = f"APP {app!r}: no such file"
+            raise _UsageError(msg)
+        return {"exec": app, "args": options.args}
+    if not _TARGET.match(app):
+        msg = f"APP {app!r} is neither 'module:app', 'module:function' nor a script path"
+        raise _UsageError(msg)
+    _find_module(app)
+    if options.interface == "main" and not options.factory:
+        return {"target": app, "args": options.args}  # as before: each worker calls it
+    serve = _serve_options(options)
+    return {"target": "pycluster._apps:boot", "args": [serve.to_json(), app, *options.args]}
+
+
+def _find_module(app: str) -> None:
+    """Fail now, in one line, when APP's top-level module is nowhere to be found."""
+    import importlib.machinery
+
+    top = app.partition(":")[0].partition(".")[0]
+    if top in sys.modules or importlib.machinery.PathFinder.find_spec(
+        top, [os.getcwd(), *sys.path[1:]]
+    ) is not None:
+        return
+    msg = f"APP {app!r}: no module named {top!r} in {os.getcwd()!r} or on sys.path"
+    raise _UsageError(msg)
+
+
+def _serve_options(options: argparse.Namespace) -> ServeOptions:
+    for name in ("keep_alive", "limit_concurrency", "threads"):
+        value = getattr(options, name)
+        if value is not None and value < (0 if name == "keep_alive" else 1):
+            flag = "--" + name.replace("_", "-")
+            msg = f"{flag} {value} must be at least {0 if name == 'keep_alive' else 1}"
+            raise _UsageError(msg)
+    if bool(options.ssl_keyfile) != bool(options.ssl_certfile):
+        msg = "--ssl-keyfile and --ssl-certfile go together: give both or neither"
+        raise _UsageError(msg)
+    for flag, path in (("--ssl-keyfile", options.ssl_keyfile),
+                       ("--ssl-certfile", options.ssl_certfile)):
+        if path and not os.path.isfile(path):
+            msg = f"{flag} {path!r}: no such file"
+            raise _UsageError(msg)
+        if path and not os.access(path, os.R_OK):
+            msg = f"{flag} {path!r}: not readable"
+            raise _UsageError(msg)
+    return ServeOptions(
+        interface=options.interface,
+        factory=options.factory,
+        graceful_timeout=options.graceful_timeout,
+        proxy_headers=options.proxy_headers,
+        forwarded_allow_ips=options.forwarded_allow_ips,
+        root_path=options.root_path,
+        keep_alive=options.keep_alive,
+        limit_concurrency=options.limit_concurrency,
+        ssl_keyfile=os.path.abspath(options.ssl_keyfile) if options.ssl_keyfile else None,
+        ssl_certfile=os.path.abspath(options.ssl_certfile) if options.ssl_certfile else None,
+        http=options.http,
+        access_log=options.access_log,
+        threads=options.threads,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,26 +264,15 @@ def _run(options: argparse.Namespace) -> int:
     from ._master import Master
 
     settings: dict[str, Any] = {
-        "kill_timeout": options.kill_timeout,
+        "kill_timeout": options.graceful_timeout,
         "scheduling": options.scheduling,
         "silent": options.capture_output,
-        "bind": options.bind or ["127.0.0.1:8000"],
+        "bind": options.bind or [_default_bind()],
     }
-    settings["args"] = options.args
-    app = options.app
-    if os.path.isfile(app) or app.endswith(".py"):
-        settings["exec"] = app
-    elif _TARGET.match(app):
-        settings["target"] = app
-    else:
-        msg = f"APP {app!r} is neither a script path nor 'module:function'"
-        raise _UsageError(msg)
+    settings.update(_app_settings(options))
     workers = options.workers if options.workers is not None else default_workers()
     if workers < 1:
         msg = f"--workers {workers} must be at least 1"
-        raise _UsageError(msg)
-    if options.kill_timeout < 0 or not math.isfinite(options.kill_timeout):
-        msg = f"--kill-timeout {options.kill_timeout} must be a number of seconds >= 0"
         raise _UsageError(msg)
     master = Master(**settings)
     master.use("logging", format=options.log_format)
