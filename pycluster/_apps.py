@@ -174,16 +174,16 @@ def _kind(obj: Any) -> str:
     return f"{type(obj).__name__} {text}"
 
 
-def serve_app(app: Any, options: ServeOptions, interface: str | None = None) -> int:
-    """Serve *app* in this worker until it is disconnected; return the exit code.
+def serve_app(app: Any, options: ServeOptions, interface: str | None = None) -> Any:
+    """Serve *app* in this worker until it is disconnected; return the exit code (for a
+    main function, what it returns, as ``sys.exit()`` takes it).
 
     Raises:
         AppError: *app* does not fit ``options.interface``, or a dependency is missing.
     """
     kind = interface or detect(app, options.interface)
     if kind == "main":
-        result = app()
-        return result if isinstance(result, int) else (0 if result is None else 1)
+        return app()
     if kind in ("asgi3", "asgi2"):
         try:
             from . import _asgi
@@ -199,7 +199,7 @@ def serve_app(app: Any, options: ServeOptions, interface: str | None = None) -> 
     return _wsgi.serve(app, options)
 
 
-def boot() -> int:
+def boot() -> Any:
     """Worker entry for ``pycluster run module:app``.
 
     ``sys.argv`` is ``[_, OPTIONS-JSON, SPEC, *args]``; the app sees ``[SPEC, *args]``.

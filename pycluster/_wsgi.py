@@ -17,6 +17,7 @@ drain of its own, so pycluster adds one through waitress's extension points, its
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -68,18 +69,33 @@ def _with_access_log(app: Callable[..., Any]) -> Callable[..., Any]:
     return logged
 
 
+def _mounted(app: Callable[..., Any], root_path: str) -> Callable[..., Any]:
+    """The app behind a proxy that strips *root_path*: it goes into ``SCRIPT_NAME``."""
+    prefix = root_path.rstrip("/")
+
+    def mounted(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        environ["SCRIPT_NAME"] = prefix + environ.get("SCRIPT_NAME", "")
+        return app(environ, start_response)
+
+    return mounted
+
+
 def serve(app: Any, options: ServeOptions) -> int:
     """Serve *app* on ``pycluster.worker.listen()`` until disconnected; return the exit code."""
     worker = pycluster.worker
     assert worker is not None
     if options.access_log:
-        if not logging.getLogger().handlers:
-            logging.basicConfig(format="%(message)s")
+        handler = logging.StreamHandler(sys.stdout)  # where uvicorn's access log goes
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        access_log.addHandler(handler)
+        access_log.propagate = False
         access_log.setLevel(logging.INFO)
         app = _with_access_log(app)
     # waitress warns "Task queue depth is N" whenever a request waits for a thread:
     # routine under load, and every worker would print it.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    if options.root_path:
+        app = _mounted(app, options.root_path)
     extra: dict[str, Any] = {}
     if options.proxy_headers:
         extra.update(
@@ -100,7 +116,6 @@ def serve(app: Any, options: ServeOptions) -> int:
         threads=options.threads,
         channel_timeout=options.keep_alive,
         cleanup_interval=1,
-        url_prefix=options.root_path,
         **extra,
     )
     server.channel_class = _Channel

@@ -165,7 +165,8 @@ def _app_settings(options: argparse.Namespace) -> dict[str, Any]:
     """The master settings (``exec`` or ``target``, ``args``) that run APP in each worker."""
     app = options.app
     if options.graceful_timeout < 0 or not math.isfinite(options.graceful_timeout):
-        msg = f"--graceful-timeout {options.graceful_timeout} must be a number of seconds >= 0"
+        msg = (f"--graceful-timeout/--kill-timeout {options.graceful_timeout} must be a "
+               "number of seconds >= 0")
         raise _UsageError(msg)
     if os.path.isfile(app) or app.endswith(".py"):
         if not os.path.isfile(app):
@@ -173,11 +174,9 @@ def _app_settings(options: argparse.Namespace) -> dict[str, Any]:
             raise _UsageError(msg)
         return {"exec": app, "args": options.args}
     if not _TARGET.match(app):
-        msg = f"APP {app!r} is neither 'module:app', 'module:function' nor a script path"
+        msg = f"APP {app!r} is neither a script path nor 'module:function' (or 'module:app')"
         raise _UsageError(msg)
     _find_module(app)
-    if options.interface == "main" and not options.factory:
-        return {"target": app, "args": options.args}  # as before: each worker calls it
     serve = _serve_options(options)
     return {"target": "pycluster._apps:boot", "args": [serve.to_json(), app, *options.args]}
 
