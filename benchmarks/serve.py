@@ -1,0 +1,156 @@
+"""``pycluster run main:app`` against the servers people use, side by side in one run.
+
+Same app object, 2 workers each, everything on 127.0.0.1:
+- FastAPI (``serve_apps:fastapi_app``): ``pycluster run`` (uvicorn in each worker) vs
+  ``uvicorn --workers 2`` vs ``gunicorn -k uvicorn_worker.UvicornWorker``;
+- Flask (``serve_apps:flask_app``): ``pycluster run`` (waitress, 4 threads a worker) vs
+  ``gunicorn -k gthread --threads 4``.
+
+Three figures per server:
+1. requests/s under ``wrk -t1 -c64 -d5s`` (after a 1 s warm-up; interleaved rounds,
+   median); the ratio is against the best peer, target >= 0.97x;
+2. failed requests (wrk socket errors + non-2xx) over 10 rolling reloads (SIGHUP to the
+   master) under ``wrk -c64`` keep-alive load; target 0 for pycluster;
+3. requests in flight at SIGTERM: 32 requests to ``/slow`` (0.5 s each) are sent, the
+   master gets SIGTERM while they run; how many complete with 200, and the exit code.
+
+    python benchmarks/serve.py [--rounds 2] [--reloads 10] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import reload
+from _common import HERE, PYTHON, free_port, interleave, median, missing, running, say, wait_port
+from hello import wrk
+
+HOST = "127.0.0.1"
+SLOW_CLIENTS = 32
+
+
+def servers(port: int) -> dict[str, tuple[str, list[str]]]:
+    """name -> (app kind, command line), every one with 2 workers on HOST:port."""
+    bind = f"{HOST}:{port}"
+    pycluster = [PYTHON, "-m", "pycluster", "run", "--workers", "2", "--bind", bind]
+    gunicorn = [PYTHON, "-m", "gunicorn", "--workers", "2", "--bind", bind,
+                "--graceful-timeout", "30"]
+    return {
+        "pycluster-fastapi": ("fastapi", [*pycluster, "serve_apps:fastapi_app"]),
+        "uvicorn-fastapi": ("fastapi", [PYTHON, "-m", "uvicorn", "--workers", "2",
+                                        "--no-access-log", "--log-level", "warning",
+                                        "--host", HOST, "--port", str(port),
+                                        "serve_apps:fastapi_app"]),
+        "gunicorn-uvicorn-fastapi": ("fastapi", [*gunicorn, "-k", "uvicorn_worker.UvicornWorker",
+                                                 "serve_apps:fastapi_app"]),
+        "pycluster-flask": ("flask", [*pycluster, "--threads", "4", "serve_apps:flask_app"]),
+        "gunicorn-gthread-flask": ("flask", [*gunicorn, "-k", "gthread", "--threads", "4",
+                                             "serve_apps:flask_app"]),
+    }
+
+
+def throughput(name: str, seconds: int) -> dict[str, float]:
+    port = free_port()
+    _, cmd = servers(port)[name]
+    with running(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        wait_port(port, proc)
+        wrk(port, 1)
+        rps = wrk(port, seconds)
+    say(f"  {name:26s} {rps:9.0f} req/s")
+    return {"rps": rps}
+
+
+def in_flight(name: str) -> tuple[int, int | None]:
+    """Send SLOW_CLIENTS requests to /slow, SIGTERM the master while they run; return
+    (answered 200, the master's exit code)."""
+    port = free_port()
+    _, cmd = servers(port)[name]
+    ok = [0]
+    lock = threading.Lock()
+
+    def one() -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        try:
+            conn.request("GET", "/slow")
+            if conn.getresponse().status == 200:
+                with lock:
+                    ok[0] += 1
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    with running(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        wait_port(port, proc)
+        time.sleep(1.0)  # every worker up (the port answers as soon as the first listens)
+        threads = [threading.Thread(target=one) for _ in range(SLOW_CLIENTS)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)  # the requests are in the apps' 0.5 s sleeps
+        os.kill(proc.pid, signal.SIGTERM)
+        for thread in threads:
+            thread.join(40)
+        try:
+            code: int | None = proc.wait(40)
+        except subprocess.TimeoutExpired:
+            code = None
+    return ok[0], code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--reloads", type=int, default=10)
+    args = parser.parse_args(argv)
+    if missing("wrk"):
+        say("wrk is not installed; nothing to measure")
+        return 2
+    names = list(servers(0))
+    say(f"throughput: {args.rounds} rounds of wrk -t1 -c64 -d{args.seconds}s, 2 workers each")
+    got = interleave(args.rounds, {n: (lambda n=n: throughput(n, args.seconds)) for n in names})
+    rps = {n: median(got[n]["rps"]) for n in names}
+    scratch = Path(tempfile.mkdtemp(prefix="pycluster-serve-"))
+    failed: dict[str, reload.Result] = {}
+    for name in names:
+        port = free_port()
+        _, cmd = servers(port)[name]
+        failed[name] = reload.trial(
+            name, cmd, {}, HERE, port, duration=2.0 * (args.reloads + 1), reloads=args.reloads,
+            log=scratch / f"{name}.log",
+            done_pattern=r"rolling reload finished" if name.startswith("pycluster") else None,
+        )
+        say("  " + failed[name].line())
+    flight = {name: in_flight(name) for name in names}
+    met = True
+    print(f"{'server':26s} {'req/s':>9s} {'vs best peer':>12s} {'failed/reloads':>15s} "
+          f"{'in flight at SIGTERM':>21s} {'exit':>5s}")
+    for kind in ("fastapi", "flask"):
+        group = [n for n in names if servers(0)[n][0] == kind]
+        best_peer = max(rps[n] for n in group if not n.startswith("pycluster"))
+        for name in group:
+            result = failed[name]
+            errors = result.errors + result.non_2xx
+            done, code = flight[name]
+            ratio = rps[name] / best_peer
+            if name.startswith("pycluster"):
+                met &= ratio >= 0.97 and errors == 0 and done == SLOW_CLIENTS and code == 0
+            print(f"{name:26s} {rps[name]:9.0f} {ratio:11.2f}x {errors:8d}/{result.sighups:<6d} "
+                  f"{done:>14d}/{SLOW_CLIENTS:<6d} {code!s:>5s}", flush=True)
+    print(f"targets (pycluster: >= 0.97x the best peer's req/s, 0 failed requests over "
+          f"{args.reloads} reloads, all {SLOW_CLIENTS} in-flight requests answered, exit 0): "
+          f"{'met' if met else 'NOT met'}", flush=True)
+    say(f"logs in {scratch}")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
