@@ -28,6 +28,7 @@ from ._worker import Worker
 
 if TYPE_CHECKING:
     from ._master import Master
+    from ._serve import serve
     from ._settings import Settings
     from ._sockets import Address
 
@@ -51,6 +52,7 @@ __all__ = [
     "is_master",
     "is_primary",
     "is_worker",
+    "serve",
     "worker",
 ]
 
@@ -65,7 +67,8 @@ is_master: bool = is_primary
 #: True in a worker process.
 is_worker: bool = not is_primary
 
-_LAZY = {"Master": "._master", "Settings": "._settings", "Address": "._sockets"}
+_LAZY = {"Master": "._master", "Settings": "._settings", "Address": "._sockets",
+         "serve": "._serve"}
 
 
 def __getattr__(name: str) -> Any:

@@ -30,23 +30,54 @@ class AppError(Exception):
     """The app cannot be loaded or served; the message is the one line the user sees."""
 
 
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(_: Any, attribute: Any, value: Any) -> None:
+        if value not in choices:
+            msg = f"{attribute.name}={value!r} must be one of {', '.join(choices)}"
+            raise ValueError(msg)
+
+    return check
+
+
+def _at_least(low: float, *, optional: bool = False, whole: bool = True) -> Any:
+    def check(_: Any, attribute: Any, value: Any) -> None:
+        if optional and value is None:
+            return
+        kinds = (int,) if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not (
+            low <= value < float("inf")
+        ):
+            what = "an int" if whole else "a number"
+            msg = f"{attribute.name}={value!r} must be {what} >= {low:g}"
+            raise ValueError(msg)
+
+    return check
+
+
+def _tls_pair(instance: Any, attribute: Any, value: Any) -> None:
+    if bool(instance.ssl_keyfile) != bool(value):
+        msg = "ssl_keyfile and ssl_certfile go together: give both or neither"
+        raise ValueError(msg)
+
+
 @attrs.frozen(kw_only=True)
 class ServeOptions:
     """How a worker serves an application object (the ``pycluster run`` options)."""
 
-    interface: str = "auto"
+    interface: str = attrs.field(default="auto", validator=_one_of(INTERFACES))
     factory: bool = False
-    graceful_timeout: float = 30.0
+    graceful_timeout: float = attrs.field(default=30.0, validator=_at_least(0, whole=False))
     proxy_headers: bool = False
     forwarded_allow_ips: str = "127.0.0.1"
     root_path: str = ""
-    keep_alive: int = 5
-    limit_concurrency: int | None = None
+    keep_alive: int = attrs.field(default=5, validator=_at_least(0))
+    limit_concurrency: int | None = attrs.field(default=None,
+                                                validator=_at_least(1, optional=True))
     ssl_keyfile: str | None = None
-    ssl_certfile: str | None = None
-    http: str = "auto"
+    ssl_certfile: str | None = attrs.field(default=None, validator=_tls_pair)
+    http: str = attrs.field(default="auto", validator=_one_of(HTTP_IMPLEMENTATIONS))
     access_log: bool = False
-    threads: int = 4
+    threads: int = attrs.field(default=4, validator=_at_least(1))
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), separators=(",", ":"))
