@@ -106,7 +106,8 @@ def test_load_and_factory(tmp_path, monkeypatch):
 
 def test_options_round_trip_through_json():
     """The options a worker gets on its command line are the ones the CLI made."""
-    options = ServeOptions(interface="wsgi", keep_alive=7, ssl_keyfile="/k", threads=2)
+    options = ServeOptions(interface="wsgi", keep_alive=7, ssl_keyfile="/k", ssl_certfile="/c",
+                           threads=2)
     assert ServeOptions.from_json(options.to_json()) == options
 
 
