@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from . import __version__
 from ._apps import HTTP_IMPLEMENTATIONS, INTERFACES, ServeOptions
@@ -32,6 +32,12 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse would print and sys.exit(2) itself
         raise _UsageError(message)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if args is not None and "argv" not in vars(parsed):
+            parsed.argv = list(args)  # which flags were given (--config must not override them)
+        return parsed, rest
 
 
 def default_workers(environ: dict[str, str] | None = None) -> int:
@@ -116,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--config", metavar="FILE",
+                     help="read options from a TOML file (keys are the long option names, "
+                          "such as workers = 4 or graceful-timeout = 10); flags win")
     _add_app_options(run)
     return parser
 
@@ -148,6 +157,79 @@ def _add_app_options(run: argparse.ArgumentParser) -> None:
                      help="request threads per worker for a WSGI app (default 4)")
     app.add_argument("--access-log", action="store_true",
                      help="log one line per request (off by default)")
+
+
+def _apply_config(options: argparse.Namespace, path: str) -> None:
+    """Set the options *path* (TOML) names, except those given as flags."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            msg = f"--config {path!r}: reading TOML needs Python 3.11, or 'pip install tomli'"
+            raise _UsageError(msg) from None
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        msg = f"--config {path!r}: {exc.strerror}"
+        raise _UsageError(msg) from None
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"--config {path!r}: not valid TOML: {exc}"
+        raise _UsageError(msg) from None
+    actions = {s: a for a in _run_parser()._actions for s in a.option_strings}
+    argv = getattr(options, "argv", [])
+    given = {a.dest for token in argv if token.startswith("-")
+             if (a := actions.get(token.split("=", 1)[0])) is not None}
+    for key, value in table.items():
+        flag = "--" + key.replace("_", "-")
+        action = actions.get(flag)
+        if action is None or key in ("config", "help") or flag == "--version":
+            msg = f"--config {path!r}: unknown option {key!r} (keys are long option names)"
+            raise _UsageError(msg)
+        if action.dest in given:
+            continue
+        setattr(options, action.dest, _config_value(path, key, action, value))
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    """The ``run`` sub-parser (argparse lists a parser's actions only privately)."""
+    for action in _parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return cast(argparse.ArgumentParser, action.choices["run"])
+    raise AssertionError("no run sub-command")  # noqa: EM101 - cannot happen
+
+
+def _config_value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
+    where = f"--config {path!r}: {key} = {value!r}"
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            msg = f"{where} must be true or false"
+            raise _UsageError(msg)
+        return value
+    if isinstance(action, argparse._AppendAction):
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            msg = f"{where} must be a string or a list of strings"
+            raise _UsageError(msg)
+        return values
+    if isinstance(value, (dict, list, bool)):
+        msg = f"{where} must be a single value"
+        raise _UsageError(msg)
+    convert = action.type if callable(action.type) else str
+    try:
+        converted = convert(value)
+    except (TypeError, ValueError):
+        msg = f"{where} is not a valid value"
+        raise _UsageError(msg) from None
+    if isinstance(value, float) and convert is int and converted != value:
+        msg = f"{where} must be a whole number"
+        raise _UsageError(msg)
+    if action.choices is not None and converted not in action.choices:
+        msg = f"{where} must be one of {', '.join(map(str, action.choices))}"
+        raise _UsageError(msg)
+    return converted
 
 
 def _default_bind(environ: Mapping[str, str] | None = None) -> str:
@@ -261,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(options: argparse.Namespace) -> int:
     from ._master import Master
+
+    if options.config:
+        _apply_config(options, options.config)
 
     settings: dict[str, Any] = {
         "kill_timeout": options.graceful_timeout,
