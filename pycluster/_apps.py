@@ -230,6 +230,19 @@ def serve_app(app: Any, options: ServeOptions, interface: str | None = None) -> 
     return _wsgi.serve(app, options)
 
 
+def _print_app_traceback(exc: BaseException) -> None:
+    """The traceback without pycluster's and importlib's frames: only the app's code."""
+    import os
+
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    shown = traceback.TracebackException.from_exception(exc)
+    shown.stack = traceback.StackSummary.from_list(
+        [f for f in shown.stack if not f.filename.startswith((ours, "<frozen"))
+         and "importlib" not in f.filename]
+    )
+    print("".join(shown.format()), end="", file=sys.stderr, flush=True)
+
+
 def boot() -> Any:
     """Worker entry for ``pycluster run module:app``.
 
@@ -244,8 +257,8 @@ def boot() -> Any:
     except AppError as exc:
         print(f"pycluster: error: {exc}", file=sys.stderr, flush=True)
         return BOOT_FAILURE
-    except Exception:  # the app's module raised while importing: show where, do not loop
-        traceback.print_exc()
+    except Exception as exc:  # the app's module raised while importing: show where, no loop
+        _print_app_traceback(exc)
         print(f"pycluster: error: loading APP {spec!r} failed (above)", file=sys.stderr,
               flush=True)
         return BOOT_FAILURE

@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--reload", action="store_true",
+                     help="development: a rolling reload whenever a *.py file in APP's "
+                          "directory changes (needs watchfiles; implies --no-respawn)")
     run.add_argument("--config", metavar="FILE",
                      help="read options from a TOML file (keys are the long option names, "
                           "such as workers = 4 or graceful-timeout = 10); flags win")
@@ -191,6 +194,21 @@ def _apply_config(options: argparse.Namespace, path: str) -> None:
         if action.dest in given:
             continue
         setattr(options, action.dest, _config_value(path, key, action, value))
+
+
+def _watch_plugin(options: argparse.Namespace) -> Any:
+    """The --reload plugin, watching APP's source directory."""
+    try:
+        import watchfiles  # noqa: F401
+    except ImportError:
+        msg = "--reload needs watchfiles: pip install 'pycluster[reload]'"
+        raise _UsageError(msg) from None
+    from ._watch import WatchReload, source_dir
+
+    try:
+        return WatchReload([source_dir(options.app, os.getcwd())])
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -358,11 +376,14 @@ def _run(options: argparse.Namespace) -> int:
     if workers < 1:
         msg = f"--workers {workers} must be at least 1"
         raise _UsageError(msg)
+    watch = _watch_plugin(options) if options.reload else None
     master = Master(**settings)
     master.use("logging", format=options.log_format)
-    if not options.no_respawn:
+    if not options.no_respawn and watch is None:
         master.use("respawn")
     master.use("reload")
+    if watch is not None:
+        master.use(watch)
     for name in options.plugin:
         master.use(name)
     for _ in range(workers):
