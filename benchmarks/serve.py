@@ -14,7 +14,7 @@ Three figures per server:
 3. requests in flight at SIGTERM: 32 requests to ``/slow`` (0.5 s each) are sent, the
    master gets SIGTERM while they run; how many complete with 200, and the exit code.
 
-    python benchmarks/serve.py [--rounds 2] [--reloads 10] [--seconds 5]
+    python benchmarks/serve.py [--rounds 2] [--reloads 10] [--interval 5] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--reloads", type=int, default=10)
+    parser.add_argument("--interval", type=float, default=5.0,
+                        help="seconds between SIGHUPs (long enough for a reload to finish)")
     args = parser.parse_args(argv)
     if missing("wrk"):
         say("wrk is not installed; nothing to measure")
@@ -124,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         _, cmd = servers(port)[name]
         failed[name] = reload.trial(
-            name, cmd, {}, HERE, port, duration=2.0 * (args.reloads + 1), reloads=args.reloads,
-            log=scratch / f"{name}.log",
+            name, cmd, {}, HERE, port, duration=args.interval * (args.reloads + 1),
+            reloads=args.reloads, log=scratch / f"{name}.log",
             done_pattern=r"rolling reload finished" if name.startswith("pycluster") else None,
         )
         say("  " + failed[name].line())
     flight = {name: in_flight(name) for name in names}
     met = True
     print(f"{'server':26s} {'req/s':>9s} {'vs best peer':>12s} {'failed/reloads':>15s} "
-          f"{'in flight at SIGTERM':>21s} {'exit':>5s}")
+          f"{'reloads done':>12s} {'in flight at SIGTERM':>21s} {'exit':>5s}")
     for kind in ("fastapi", "flask"):
         group = [n for n in names if servers(0)[n][0] == kind]
         best_peer = max(rps[n] for n in group if not n.startswith("pycluster"))
@@ -143,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             ratio = rps[name] / best_peer
             if name.startswith("pycluster"):
                 met &= ratio >= 0.97 and errors == 0 and done == SLOW_CLIENTS and code == 0
+            reloads_done = "-" if result.reloads_done is None else str(result.reloads_done)
             print(f"{name:26s} {rps[name]:9.0f} {ratio:11.2f}x {errors:8d}/{result.sighups:<6d} "
-                  f"{done:>14d}/{SLOW_CLIENTS:<6d} {code!s:>5s}", flush=True)
+                  f"{reloads_done:>12s} {done:>14d}/{SLOW_CLIENTS:<6d} {code!s:>5s}", flush=True)
     print(f"targets (pycluster: >= 0.97x the best peer's req/s, 0 failed requests over "
           f"{args.reloads} reloads, all {SLOW_CLIENTS} in-flight requests answered, exit 0): "
           f"{'met' if met else 'NOT met'}", flush=True)
