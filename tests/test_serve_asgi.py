@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import socket
+import ssl
+import subprocess
 
 import pytest
 from helpers import wait_until
@@ -116,4 +120,26 @@ def test_without_proxy_headers_forwarded_headers_are_ignored(tmp_path):
         port = port_of(proc)
         _, _, body = get(port, "/", x_forwarded_for="10.1.2.3", x_forwarded_proto="https")
         assert body == b"hello / root= client=127.0.0.1 scheme=http"
+        assert stop(proc) == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls(tmp_path):
+    """--ssl-keyfile/--ssl-certfile serve HTTPS (a self-signed certificate made here)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True,
+                   timeout=60)
+    with start(tmp_path, APP, "--ssl-keyfile", "key.pem", "--ssl-certfile", "cert.pem") as proc:
+        port = port_of(proc)
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        context.check_hostname = False
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+                context.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /tls HTTP/1.0\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        assert data.endswith(b"hello /tls root= client=127.0.0.1 scheme=https")
         assert stop(proc) == 0
