@@ -178,6 +178,10 @@ def serve(app: Any, options: ServeOptions, *, asgi2: bool = False) -> int:
         ssl_keyfile=options.ssl_keyfile,
         ssl_certfile=options.ssl_certfile,
         timeout_graceful_shutdown=1,
+        # asyncio accepts up to `backlog` connections per wake-up; the master's socket keeps
+        # its own backlog (SharedSocket.listen does nothing). One at a time, the workers
+        # woken together share a burst of connections instead of the first taking them all.
+        backlog=1,
     )
     if options.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
