@@ -42,7 +42,7 @@ def servers(port: int) -> dict[str, tuple[str, list[str]]]:
     bind = f"{HOST}:{port}"
     pycluster = [PYTHON, "-m", "pycluster", "run", "--workers", "2", "--bind", bind]
     gunicorn = [PYTHON, "-m", "gunicorn", "--workers", "2", "--bind", bind,
-                "--graceful-timeout", "30"]
+                "--graceful-timeout", "30", "--no-control-socket"]
     return {
         "pycluster-fastapi": ("fastapi", [*pycluster, "serve_apps:fastapi_app"]),
         "uvicorn-fastapi": ("fastapi", [PYTHON, "-m", "uvicorn", "--workers", "2",
@@ -62,10 +62,30 @@ def throughput(name: str, seconds: int) -> dict[str, float]:
     _, cmd = servers(port)[name]
     with running(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         wait_port(port, proc)
+        answers(port)
         wrk(port, 1)
         rps = wrk(port, seconds)
     say(f"  {name:26s} {rps:9.0f} req/s")
     return {"rps": rps}
+
+
+def answers(port: int, timeout: float = 60.0) -> None:
+    """Wait until the app answers (a master may bind long before its workers serve)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = http.client.HTTPConnection(HOST, port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() > deadline:
+            msg = f"nothing answered on port {port} within {timeout} s"
+            raise RuntimeError(msg)
+        time.sleep(0.1)
 
 
 def in_flight(name: str) -> tuple[int, int | None]:
@@ -90,7 +110,8 @@ def in_flight(name: str) -> tuple[int, int | None]:
 
     with running(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         wait_port(port, proc)
-        time.sleep(1.0)  # every worker up (the port answers as soon as the first listens)
+        answers(port)
+        time.sleep(2.0)  # the other worker up too (the first answer comes from either)
         threads = [threading.Thread(target=one) for _ in range(SLOW_CLIENTS)]
         for thread in threads:
             thread.start()

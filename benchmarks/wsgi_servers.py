@@ -36,7 +36,7 @@ RUNNERS = {
 def command(name: str, port: int) -> list[str]:
     if name == "gunicorn-gthread":
         return [PYTHON, "-m", "gunicorn", "-k", "gthread", "--threads", "4", "-w", "1",
-                "--bind", f"{HOST}:{port}", "serve_apps:flask_app"]
+                "--bind", f"{HOST}:{port}", "--no-control-socket", "serve_apps:flask_app"]
     return [PYTHON, "-c", RUNNERS[name].format(host=HOST, port=port)]
 
 
