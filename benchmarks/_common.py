@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pycluster._procfs import children, state
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED_BENCH = Path("/work/shared/bench")
@@ -103,16 +105,6 @@ def start(cmd: Sequence[str], env: dict[str, str] | None = None, **kw: object
     return proc
 
 
-def children(pid: int) -> list[int]:
-    """The direct children of *pid* (from ``/proc``)."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(p) for p in f.read().split())
-    return out
-
-
 def descendants(pid: int) -> list[int]:
     """Every process under *pid*, depth first."""
     found: list[int] = []
@@ -138,17 +130,9 @@ def kill_tree(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
                 os.kill(pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-        if proc.poll() is not None and not any(_alive(p) for p in pids[1:]):
+        if proc.poll() is not None and not any(state(p) not in (None, "Z") for p in pids[1:]):
             return
     proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -160,16 +144,6 @@ def running(cmd: Sequence[str], env: dict[str, str] | None = None, **kw: object
         yield proc
     finally:
         kill_tree(proc)
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of *pid* in KiB (``VmRSS`` in ``/proc/PID/status``)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    msg = f"no VmRSS for pid {pid}"
-    raise RuntimeError(msg)
 
 
 def busy_seconds() -> float:

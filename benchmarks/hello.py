@@ -40,8 +40,10 @@ from _common import (
     wait_port,
 )
 
+from pycluster._procfs import TCP_ESTABLISHED, socket_inodes, tcp_sockets
+from pycluster._procfs import cpu_seconds as procfs_cpu_seconds
+
 WRK = ["wrk", "-t1", "-c64"]
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 #: The command line of each server; PORT and WORKERS=2 go in its environment.
@@ -52,41 +54,10 @@ SERVERS: dict[str, list[str]] = {
 }
 
 
-def established_inodes(port: int) -> set[str]:
-    """Socket inodes of established TCP connections whose local port is *port*."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
-                inodes.add(inode)
-    return inodes
-
-
 def connections_per_pid(pids: list[int], port: int) -> dict[int, int]:
     """How many established connections to *port* each of *pids* holds an fd of."""
-    inodes = established_inodes(port)
-    out: dict[int, int] = {}
-    for pid in pids:
-        n = 0
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    n += 1
-        except OSError:
-            continue
-        out[pid] = n
-    return out
+    inodes = {s.inode for s in tcp_sockets(port) if s.state == TCP_ESTABLISHED}
+    return {pid: len(socket_inodes(pid) & inodes) for pid in pids}
 
 
 def _children_cpu() -> float:
@@ -95,13 +66,8 @@ def _children_cpu() -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds *pid* has used."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    """User + system CPU seconds *pid* has used (0 once it is gone)."""
+    return procfs_cpu_seconds(pid) or 0.0
 
 
 def wrk(port: int, seconds: int) -> float:

@@ -18,13 +18,23 @@ import os
 import sys
 
 
-def own_rss_kib() -> int:
-    """This process's VmRSS in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
+def own_rss_kib() -> int | None:
+    """This process's VmRSS in KiB.
+
+    ``pycluster/_procfs.py`` is loaded as a file of its own: importing it from the package
+    would add pycluster's imports to the plain master, whose RSS is the baseline.
+    """
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "pycluster", "_procfs.py")
+    spec = importlib.util.spec_from_file_location("_bench_procfs", path)
+    assert spec is not None
+    assert spec.loader is not None
+    procfs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(procfs)
+    rss: int | None = procfs.rss_kib(os.getpid())
+    return rss
 
 
 def pycluster_master(n: int, command: list[str]) -> None:

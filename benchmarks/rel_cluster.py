@@ -21,9 +21,8 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from rel_procs import zombies  # noqa: E402
-
 import pycluster  # noqa: E402
+from pycluster._procfs import fd_count, rss_kib, zombies  # noqa: E402
 
 
 def out(**fields: object) -> None:
@@ -103,10 +102,6 @@ def leaks(total: int, batch: int) -> int:
     samples: list[tuple[int, int, int]] = []
     halt = threading.Event()
 
-    def rss() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
     def fork_batch() -> None:
         for _ in range(min(batch, total - done["forked"])):
             master.fork()
@@ -120,8 +115,8 @@ def leaks(total: int, batch: int) -> int:
             return
         with lock:
             quiet.append(len(zombies(me)))
-            fds = len(os.listdir("/proc/self/fd"))
-        samples.append((done["exited"], fds, rss()))
+            fds = fd_count(me) or 0
+        samples.append((done["exited"], fds, rss_kib(me) or 0))
         fork_batch()
 
     def watch() -> None:

@@ -41,7 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from _common import HERE, PYTHON, SHARED_BENCH, missing, running, say
-from rel_procs import held_connections, listen_port, state, workers
+
+from pycluster._procfs import cmdline, held_connections, listening_ports, live_children, state
 
 N = 2
 SERVERS: dict[str, list[str]] = {
@@ -52,6 +53,12 @@ SERVERS: dict[str, list[str]] = {
                 "127.0.0.1", "--port", "0", "--app-dir", str(SHARED_BENCH),
                 "--log-level", "warning"],
 }
+
+
+def workers(pid: int) -> list[int]:
+    """Running children of server *pid*, multiprocessing's resource tracker excluded."""
+    return [c for c in live_children(pid)
+            if not any("resource_tracker" in arg for arg in cmdline(c))]
 
 
 def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> Any:
@@ -84,7 +91,8 @@ def chaos(name: str, duration: float, interval: float, seed: int) -> dict[str, A
     rng = random.Random(seed)
     with tempfile.TemporaryFile() as log, running(SERVERS[name], {"WORKERS": str(N)},
                                                   stdout=log, stderr=log) as proc:
-        port = wait_for(lambda: listen_port(proc.pid) if proc.poll() is None else -1,
+        port = wait_for(lambda: (listening_ports(proc.pid) or [None])[0]
+                        if proc.poll() is None else -1,
                         f"{name} to listen")
         if port == -1:
             log.seek(0)

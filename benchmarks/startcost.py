@@ -30,11 +30,12 @@ from _common import (
     free_port,
     interleave,
     median,
-    rss_kib,
     running,
     say,
     wait_port,
 )
+
+from pycluster._procfs import rss_kib
 
 _LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
 MIB = 1024.0
@@ -103,6 +104,9 @@ def hello_worker(pycluster: bool, profile: bool) -> dict[str, float]:
         time.sleep(0.2)
         pid = descendants(proc.pid)[0] if pycluster else proc.pid
         rss = rss_kib(pid)
+        if rss is None:
+            msg = f"pid {pid} has no RSS: it is gone"
+            raise RuntimeError(msg)
     if not profile:
         return {"rss": rss / MIB}
     assert proc.stderr is not None

@@ -137,7 +137,12 @@ class Logging:
         else:
             level = logging.INFO if code == 0 else logging.ERROR
             how = f"exited with code {code}"
-        reason = "after disconnect" if expected else "unexpectedly"
+        if expected:
+            reason = "after disconnect"
+        elif code == 0:
+            reason = "by itself"
+        else:
+            reason = "unexpectedly"
         self.logger.log(level, "worker %d (pid %s) %s %s", worker.id, worker.pid, how, reason,
                         extra={"worker_id": worker.id, "pid": worker.pid, "event": "exit",
                                "code": code, "signal": signal, "reason": reason})

@@ -96,7 +96,7 @@ class Reload:
     async def _round(self, master: Master) -> bool:
         old = sorted(
             (w for w in master.workers.values()
-             if w.is_connected() and not w.exited_after_disconnect),
+             if w.is_active()),
             key=lambda w: (w.slot, w.id),
         )
         log.info("reload: replacing %d worker(s), %d at a time", len(old), self.surge)

@@ -10,14 +10,19 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pycluster import Master, SettingsError, Worker
+from pycluster import BOOT_FAILURE, Master, SettingsError, Worker
 
-__all__ = ["BOOT_FAILURE", "Respawn"]
+__all__ = ["Respawn", "backoff"]
 
 log = logging.getLogger("pycluster.respawn")
 
-#: Exit code of a worker that failed to start (gunicorn's and uvicorn's convention).
-BOOT_FAILURE = 3
+
+def backoff(misses: int, min_delay: float, max_delay: float) -> float:
+    """Seconds to wait before replacing a worker after *misses* quick deaths in a row in
+    its slot: none after the first, then *min_delay* doubling up to *max_delay*."""
+    if misses <= 0:
+        return 0.0
+    return min(max_delay, min_delay * 2.0 ** min(misses - 1, 64))
 
 
 def _number(value: Any) -> bool:
@@ -36,10 +41,12 @@ class Respawn:
     a worker that lived less than *stable_after* seconds (a boot failure always counts:
     it died before its first ``listening``) doubles the delay from *min_delay* up to
     *max_delay*, with ±*jitter* randomness. Crash-loop guard: more than *max_restarts*
-    replacements within *window* seconds, or a worker exiting with ``BOOT_FAILURE`` (3)
-    before it was ever ready, makes the plugin give up: it logs why, emits
+    replacements within *window* seconds, a worker exiting with ``BOOT_FAILURE`` (3)
+    before it was ever ready, or (with *fail_fast*) any worker dying before it listened
+    while no worker of the cluster has listened yet (the app fails at start: retrying
+    would only repeat the error), makes the plugin give up: it logs why, emits
     ``respawn_give_up(worker, reason)`` on the master, and stops the master with exit
-    code 1.
+    code 1 and that reason.
 
     Args:
         min_delay: delay before the second quick replacement in a row, in seconds.
@@ -49,6 +56,8 @@ class Respawn:
         max_restarts: replacements allowed within *window* seconds.
         window: seconds over which *max_restarts* is counted.
         stop_exit_codes: exit codes that mean "do not replace" (default: 0).
+        fail_fast: give up at the first death before any worker has listened (``False``:
+            retry such deaths with backoff, e.g. for workers that never listen).
     """
 
     name = "respawn"
@@ -63,6 +72,7 @@ class Respawn:
         max_restarts: int = 10,
         window: float = 60.0,
         stop_exit_codes: tuple[int, ...] | list[int] = (0,),
+        fail_fast: bool = True,
     ) -> None:
         for key, value in (("min_delay", min_delay), ("max_delay", max_delay),
                            ("stable_after", stable_after), ("window", window)):
@@ -79,6 +89,9 @@ class Respawn:
                 "e.g. (0, 3)"
             )
             raise SettingsError(msg)
+        if not isinstance(fail_fast, bool):
+            msg = f"respawn fail_fast={fail_fast!r} must be True or False"
+            raise SettingsError(msg)
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             msg = f"respawn max_restarts={max_restarts!r} must be an int >= 0"
             raise SettingsError(msg)
@@ -89,11 +102,13 @@ class Respawn:
         self.max_restarts = max_restarts
         self.window = float(window)
         self.stop_exit_codes = frozenset(codes)
+        self.fail_fast = fail_fast
         #: Replacements forked so far.
         self.restarts = 0
         self._recent: collections.deque[float] = collections.deque()
         self._unstable: dict[int, int] = {}  # slot -> deaths in a row without a stable run
         self._ready: set[int] = set()  # ids of workers that reached their first listening
+        self._served = False  # whether any worker of the cluster has listened
         self._pending: dict[int, Any] = {}  # slot -> Timer
         self._gave_up = False
         self._master: Master | None = None
@@ -102,6 +117,7 @@ class Respawn:
         """Watch *master*'s exits."""
         self._master = master
         master.on("listening", self._on_listening)
+        master.on("ready", self._on_listening)
         master.on("exit", self._on_exit)
         master.on("stop", self._cancel_pending)  # a stopping master forks nothing more
 
@@ -114,8 +130,9 @@ class Respawn:
             timer.cancel()
         self._pending.clear()
 
-    def _on_listening(self, worker: Worker, address: Any) -> None:
+    def _on_listening(self, worker: Worker, address: Any = None) -> None:
         self._ready.add(worker.id)
+        self._served = True
 
     def _on_exit(self, worker: Worker, code: int | None, signal: str | None) -> None:
         master = self._master
@@ -136,6 +153,13 @@ class Respawn:
         if code == BOOT_FAILURE and not was_ready:
             self._give_up(worker, f"worker {worker.id} failed to boot ({why})")
             return
+        if self.fail_fast and not was_ready and not self._served and uptime < self.stable_after:
+            self._give_up(
+                worker,
+                f"worker {worker.id} died before it listened ({why}) and no worker has "
+                "listened yet: the app fails at start",
+            )
+            return
         now = time.monotonic()
         while self._recent and now - self._recent[0] > self.window:
             self._recent.popleft()
@@ -151,7 +175,7 @@ class Respawn:
             self._unstable[worker.slot] = 0
         misses = self._unstable.get(worker.slot, 0)
         self._unstable[worker.slot] = misses + 1
-        delay = 0.0 if misses == 0 else min(self.max_delay, self.min_delay * 2 ** (misses - 1))
+        delay = backoff(misses, self.min_delay, self.max_delay)
         delay *= 1 + random.uniform(-self.jitter, self.jitter)
         log.info("respawning slot %d (worker %d died: %s) in %.2f s",
                  worker.slot, worker.id, why, delay)
@@ -160,8 +184,7 @@ class Respawn:
     def _slot_taken(self, slot: int) -> bool:
         master = self._master
         assert master is not None
-        return any(w.slot == slot and not w.exited_after_disconnect
-                   for w in master.workers.values())
+        return any(w.slot == slot and w.is_active() for w in master.workers.values())
 
     def _replace(self, worker: Worker) -> None:
         master = self._master
@@ -179,4 +202,4 @@ class Respawn:
         self._cancel_pending()
         log.error("respawn gives up: %s; stopping the cluster", reason)
         master.emit("respawn_give_up", worker, reason)
-        master.stop(exit_code=1)
+        master.stop(exit_code=1, reason=f"respawn gave up: {reason}")

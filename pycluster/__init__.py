@@ -13,17 +13,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._child import SharedSocket, ThisWorker, setup
+from ._child import run_setups, setup
 from ._errors import (
+    BOOT_FAILURE,
     ChannelClosedError,
     MessageError,
     ProtocolError,
     PyclusterError,
+    RequestError,
     SettingsError,
     StateError,
 )
+from ._listen import SharedSocket
+from ._pluginchannel import PluginChannel, WorkerChannel
 from ._plugins import Plugin, PluginError
 from ._state import WorkerState
+from ._thisworker import ThisWorker
 from ._worker import Worker
 
 if TYPE_CHECKING:
@@ -31,22 +36,28 @@ if TYPE_CHECKING:
     from ._serve import serve
     from ._settings import Settings
     from ._sockets import Address
+    from ._timers import Timer
 
 __all__ = [
+    "BOOT_FAILURE",
     "Address",
     "ChannelClosedError",
     "Master",
     "MessageError",
     "Plugin",
+    "PluginChannel",
     "PluginError",
     "ProtocolError",
     "PyclusterError",
+    "RequestError",
     "Settings",
     "SettingsError",
     "SharedSocket",
     "StateError",
     "ThisWorker",
+    "Timer",
     "Worker",
+    "WorkerChannel",
     "WorkerState",
     "__version__",
     "is_master",
@@ -68,7 +79,7 @@ is_master: bool = is_primary
 is_worker: bool = not is_primary
 
 _LAZY = {"Master": "._master", "Settings": "._settings", "Address": "._sockets",
-         "serve": "._serve"}
+         "Timer": "._timers", "serve": "._serve"}
 
 
 def __getattr__(name: str) -> Any:
@@ -85,11 +96,14 @@ def __getattr__(name: str) -> Any:
 
 
 def _public_module() -> None:
-    for name in ("ChannelClosedError", "MessageError", "Plugin", "PluginError",
-                 "ProtocolError", "PyclusterError",
-                 "SettingsError", "SharedSocket", "StateError", "ThisWorker", "Worker",
+    for name in ("ChannelClosedError", "MessageError", "Plugin", "PluginChannel", "PluginError",
+                 "ProtocolError", "PyclusterError", "RequestError", "SettingsError",
+                 "SharedSocket", "StateError", "ThisWorker", "Worker", "WorkerChannel",
                  "WorkerState"):
         globals()[name].__module__ = __name__
 
 
 _public_module()
+
+if worker is not None:  # last: a plugin's worker-side hook sees the whole package
+    run_setups(worker)

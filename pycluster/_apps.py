@@ -19,9 +19,10 @@ from typing import Any
 
 import attrs
 
+from ._errors import BOOT_FAILURE
+
 __all__ = ["BOOT_FAILURE", "AppError", "ServeOptions", "boot", "detect", "load", "serve_app"]
 
-BOOT_FAILURE = 3
 INTERFACES = ("auto", "asgi", "wsgi", "main")
 HTTP_IMPLEMENTATIONS = ("auto", "h11", "httptools")
 

@@ -1,33 +1,51 @@
 """Worker entry point for ``Master(target="package.module:function")``.
 
 Run as ``python -m pycluster._boot package.module:function [args...]``: imports the module,
-calls the function, and exits with what it returns. A target that cannot be imported or
-found exits with code 3 (a boot failure, as in gunicorn and uvicorn) after one clear line.
+calls the function, and exits with what it returns. Anything that goes wrong before the
+function is called (the module does not import, raises or has a syntax error; the name is
+missing or not callable) is a boot failure: the error is printed once and the worker exits
+with :data:`pycluster.BOOT_FAILURE`, so the respawn plugin gives up instead of retrying.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+import traceback
 from typing import Any
 
-import pycluster  # noqa: F401 - connects this worker to its master before the target loads
-
-BOOT_FAILURE = 3
+from pycluster import BOOT_FAILURE  # connects this worker to its master before the target loads
+from pycluster._child import load
 
 
 def main(argv: list[str]) -> Any:
     spec, *args = argv
-    module_name, _, qualname = spec.partition(":")
     sys.argv = [spec, *args]
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        print(f"pycluster: cannot load target {spec!r}: {exc}", file=sys.stderr)
+        target = load(spec)
+    except LookupError as exc:
+        _fail(f"cannot load target {spec!r}: {exc}")
+        return BOOT_FAILURE
+    except ModuleNotFoundError as exc:
+        if exc.name and spec.startswith(exc.name):  # the app's module itself is missing
+            _fail(f"cannot load target {spec!r}: {exc}")
+            return BOOT_FAILURE
+        traceback.print_exc()  # a module the app imports is missing: show where
+        _fail(f"cannot load target {spec!r} (the traceback above says why)")
+        return BOOT_FAILURE
+    except BaseException as exc:  # a syntax error or an exception while importing the app
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        traceback.print_exc()
+        _fail(f"cannot load target {spec!r} (the traceback above says why)")
+        return BOOT_FAILURE
+    if not callable(target):
+        _fail(f"target {spec!r} is a {type(target).__name__}, not a function to call")
         return BOOT_FAILURE
     return target()
+
+
+def _fail(text: str) -> None:
+    print(f"pycluster: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

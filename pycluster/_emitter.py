@@ -26,37 +26,34 @@ class Emitter(EventEmitter):
     An exception raised by a handler is emitted as ``error`` on the same emitter, after
     which the remaining handlers of the original event still run. An ``error`` with no
     listener, or a failing ``error`` handler, is logged on the ``pycluster`` logger.
+
+    Built on pyee's extension points only (``_emit_run``, ``_emit_handle_potential_error``,
+    ``listeners()``), as pyee's own asyncio emitter is.
     """
 
-    def emit(self, event: str, *args: Any, **kwargs: Any) -> bool:
-        """Call every listener of *event* in order; return whether there was one.
+    _reporting = False  # an ``error`` handler is running: its failure is logged, not re-emitted
 
-        Same contract as pyee's, on a shorter path: the cluster emits twice per message.
-        """
-        with self._lock:
-            handlers = self._events.get(event)
-            funcs = list(handlers.values()) if handlers else None
-        if not funcs:
-            if event == "error":
-                self._emit_handle_potential_error(event, args[0] if args else None)
-            return False
-        for f in funcs:
-            try:
-                f(*args, **kwargs)
-            except Exception as exc:
-                self._handler_failed(f, exc)
-        return True
+    def _emit_run(
+        self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        try:
+            f(*args, **kwargs)
+        except Exception as exc:
+            self._handler_failed(f, exc)
 
     def _handler_failed(self, f: Callable[..., Any], exc: Exception) -> None:
-        # An error handler that fails is logged, never re-emitted: no loop of errors.
-        if self._events.get("error") and not self.__dict__.get("_reporting"):
-            self.__dict__["_reporting"] = True
-            try:
-                self.emit("error", exc)
-            finally:
-                self.__dict__["_reporting"] = False
-        else:
+        if self._reporting or not self.listeners("error"):
             logger().error("event handler %r failed", f, exc_info=exc)
+            return
+        self._reporting = True
+        try:
+            self.emit("error", exc)
+        finally:
+            self._reporting = False
+
+    def has_listeners(self, event: str) -> bool:
+        """Whether anything listens to *event* (a plugin may handle it)."""
+        return bool(self.listeners(event))
 
     def remove_listener(self, event: str, f: Callable[..., Any]) -> None:
         """Remove listener *f* of *event*; no error if it is not there (as in pyee 15+)."""

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 __all__ = [
+    "BOOT_FAILURE",
     "ChannelClosedError",
     "MessageError",
     "ProtocolError",
     "PyclusterError",
+    "RequestError",
     "SettingsError",
     "StateError",
 ]
+
+#: Exit code of a worker that failed to start (gunicorn's and uvicorn's convention): the
+#: respawn plugin gives up instead of forking it again.
+BOOT_FAILURE = 3
 
 
 class PyclusterError(Exception):
@@ -43,3 +49,14 @@ class ProtocolError(PyclusterError):
         super().__init__(message)
         #: Id of the worker that sent the bad frame (``None`` on the worker side).
         self.worker_id = worker_id
+
+
+class RequestError(PyclusterError):
+    """A request to the other side failed: it answered with an error, nothing there
+    handles it, the channel closed, or no answer came before the deadline
+    (:attr:`timed_out`)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        #: Whether the deadline passed with no answer.
+        self.timed_out = timed_out

@@ -6,9 +6,19 @@ import functools
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from ._errors import PyclusterError, SettingsError
+from ._errors import PyclusterError, SettingsError, StateError
 
-__all__ = ["ENTRY_POINT_GROUP", "Plugin", "PluginError", "load_plugin", "plugin_name"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Plugin",
+    "PluginError",
+    "PluginRegistry",
+    "load_plugin",
+    "plugin_name",
+]
+
+#: (event, listener) pairs a plugin added while it was installed.
+Record = list[tuple[str, Callable[..., Any]]]
 
 #: The entry-point group through which plugins are found by name.
 ENTRY_POINT_GROUP = "pycluster.plugins"
@@ -86,3 +96,78 @@ def load_plugin(name: str, options: dict[str, Any]) -> Any:
     except TypeError as exc:
         msg = f"plugin {name!r} does not accept the options {options!r}: {exc}"
         raise SettingsError(msg) from exc
+
+
+class PluginRegistry:
+    """A master's installed plugins, and the listeners each of them added."""
+
+    def __init__(self, remove_listener: Callable[[str, Callable[..., Any]], None]) -> None:
+        self._remove_listener = remove_listener
+        self._plugins: dict[Any, Record] = {}
+        self._installing: tuple[str, Record] | None = None
+
+    @property
+    def plugins(self) -> tuple[Any, ...]:
+        """The installed plugins, in installation order."""
+        return tuple(self._plugins)
+
+    def install(self, master: Any, plugin: Any, options: dict[str, Any]) -> None:
+        """Install *plugin* (an object, a function or a registered name) on *master*.
+
+        Raises:
+            SettingsError: an unknown name, options with an object, or not a plugin.
+            StateError: this plugin object is installed already.
+        """
+        if isinstance(plugin, str):
+            plugin = load_plugin(plugin, options)
+        elif options:
+            msg = f"options {options!r} go with a plugin name, not with the object {plugin!r}"
+            raise SettingsError(msg)
+        install = getattr(plugin, "install", None)
+        if install is None and callable(plugin) and not isinstance(plugin, type):
+            install = plugin
+        if install is None:
+            msg = f"{plugin!r} is not a plugin: give an object with install(master) or a function"
+            raise SettingsError(msg)
+        if plugin in self._plugins:
+            msg = f"plugin {plugin_name(plugin)!r} is already installed on this master"
+            raise StateError(msg)
+        record: Record = []
+        self._installing = (plugin_name(plugin), record)
+        try:
+            install(master)
+        except BaseException:
+            self._remove(record)
+            raise
+        finally:
+            self._installing = None
+        self._plugins[plugin] = record
+
+    def uninstall(self, master: Any, plugin: Any) -> None:
+        """Remove *plugin*'s listeners, then call its ``uninstall(master)`` if it has one.
+
+        Raises:
+            StateError: *plugin* is not installed.
+        """
+        record = self._plugins.pop(plugin, None)
+        if record is None:
+            msg = f"plugin {plugin_name(plugin)!r} is not installed on this master"
+            raise StateError(msg)
+        self._remove(record)
+        uninstall = getattr(plugin, "uninstall", None)
+        if uninstall is not None:
+            uninstall(master)
+
+    def adopt(self, event: str, key: Callable[..., Any], handler: Callable[..., Any]
+              ) -> Callable[..., Any]:
+        """A listener is being added: while a plugin installs, it is that plugin's (and
+        its failures are blamed on it). Returns the handler to register."""
+        if self._installing is None:
+            return handler
+        name, record = self._installing
+        record.append((event, key))
+        return blame(name, event, handler)
+
+    def _remove(self, record: Record) -> None:
+        for event, handler in record:
+            self._remove_listener(event, handler)

@@ -16,8 +16,10 @@ from ._protocol import DEFAULT_MAX_MESSAGE
 __all__ = ["Settings"]
 
 SCHEDULING = ("shared", "reuseport")
+#: A ``module:function`` (or ``module:attr.attr``) reference, as ``target`` and APP take it.
+TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SERIALIZATION = ("json", "pickle")
-_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 def _path(name: str, value: Any) -> str:
@@ -53,7 +55,7 @@ def _target(value: str | Callable[..., Any] | None) -> str | None:
             )
             raise SettingsError(msg)
         value = f"{module}:{qualname}"
-    if not isinstance(value, str) or not _TARGET.match(value):
+    if not isinstance(value, str) or not TARGET.match(value):
         msg = f"target={value!r} is not of the form 'package.module:function'"
         raise SettingsError(msg)
     if value.partition(":")[0] == "__main__":
@@ -110,12 +112,16 @@ def parse_address(text: str) -> tuple[int | str, ...]:
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = "", text
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not port.isdigit() or not 0 <= int(port) <= 65535 or ":" in host and not sep:
+    bracketed = len(host) > 2 and host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    unbracketed = not bracketed and any(c in host for c in ":[]")
+    if unbracketed or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         msg = (
             f"bind address {text!r} is not HOST:PORT (port 0-65535), :PORT or unix:PATH, "
             "e.g. '127.0.0.1:8000'"
         )
+        if unbracketed:
+            msg += " (an IPv6 host goes in brackets: '[::1]:8000')"
         raise SettingsError(msg)
     return (int(port), host or "0.0.0.0")
 
@@ -213,6 +219,18 @@ def _ident(kind: str) -> Callable[[Any], int | None]:
     return convert
 
 
+def _name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NAME.match(value):
+        msg = (
+            f"name={value!r} must be 1-64 letters, digits, '.', '_' or '-' (starting with a "
+            "letter or digit), e.g. 'shop-api'"
+        )
+        raise SettingsError(msg)
+    return value
+
+
 def _scheduling(value: Any) -> str:
     return _choice("scheduling", SCHEDULING)(value)
 
@@ -255,6 +273,9 @@ class Settings:
         max_message_size: largest IPC message in bytes, in both directions.
         bind: addresses workers listen on when they call ``pycluster.worker.listen()``
             with no port: ``"HOST:PORT"``, ``":PORT"`` or ``"unix:PATH"`` (one or a list).
+            The master binds them before it forks the first worker.
+        name: the cluster's name: processes are titled ``pycluster master [NAME]`` and
+            ``pycluster worker N [NAME]`` in ``ps`` (default: no title).
     """
 
     exec: str | None = attrs.field(default=None, converter=_exec)
@@ -270,6 +291,7 @@ class Settings:
     gid: int | None = attrs.field(default=None, converter=_gid)
     max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE, converter=_size)
     bind: tuple[tuple[int | str, ...], ...] = attrs.field(default=(), converter=_bind)
+    name: str | None = attrs.field(default=None, converter=_name)
 
     def __attrs_post_init__(self) -> None:
         if self.exec and self.target:

@@ -7,9 +7,12 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
+
+from ._listen import numeric_host
 
 __all__ = ["DEFAULT_BACKLOG", "Address", "Listeners"]
 
@@ -94,6 +97,59 @@ class Listeners:
             raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
         handle.workers.add(worker_id)
         return handle.sock, handle.address
+
+    def bind_all(self, addresses: Iterable[tuple[int | str, ...]]) -> list[tuple[int | str, ...]]:
+        """Bind the master's ``bind`` addresses (``listen()`` arguments: ``(port, host)`` or
+        ``(path,)``) before any worker asks; return them as workers get them, port 0
+        replaced by the real port.
+
+        Raises:
+            OSError: an address cannot be bound; the message names it and the reason.
+        """
+        bound: list[tuple[int | str, ...]] = []
+        for address in addresses:
+            if len(address) == 1:
+                path = str(address[0])
+                self._prebind_named(path, None, None, path)
+                bound.append(address)
+                continue
+            port, host = int(address[0]), str(address[1])
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            real = self._prebind_named(where, numeric_host(host, port, where), port, None)
+            bound.append((real, host))
+        return bound
+
+    def _prebind_named(self, where: str, host: str | None, port: int | None,
+                       path: str | None) -> int:
+        try:
+            return self.prebind(host, port, path)
+        except (OSError, ValueError) as exc:
+            err = getattr(exc, "errno", None) or 0
+            msg = f"cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}"
+            raise OSError(err, msg) from None
+
+    def prebind(self, host: str | None, port: int | None, path: str | None) -> int:
+        """Bind an address before any worker asks for it (the ``bind`` setting), so that a
+        port in use fails at once, in the master. Returns the real port (0 for a path).
+
+        A worker's ``listen()`` of the same address (the real port, for port 0) gets this
+        socket; with ``"reuseport"`` it is slot 0's.
+
+        Raises:
+            OSError: binding failed (``EADDRINUSE``, ``EACCES``, ...).
+        """
+        if path is not None:
+            key: tuple[Any, ...] = ("unix", path)
+        else:
+            assert host is not None and port is not None
+            key = (host, port)
+        if self._reuseport:
+            key = (*key, 0)
+        handle = self._bind(key, host, port, path, DEFAULT_BACKLOG, 0)
+        if path is None and port == 0:  # file it under its real port, as workers ask
+            key = (host, handle.address.port, 0)[: len(key)]
+        self._handles[key] = handle
+        return handle.address.port or 0
 
     def _bind(
         self,

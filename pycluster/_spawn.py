@@ -64,8 +64,15 @@ def spawn(
     command: list[str],
     worker_id: int,
     env: dict[str, str],
+    bind: list[tuple[int | str, ...]],
+    setups: list[str],
 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start one worker process; return it and the master's end of its IPC socketpair."""
+    """Start one worker process; return it and the master's end of its IPC socketpair.
+
+    *bind* is what the worker's ``pycluster.worker.bind`` lists (the master's bound
+    addresses, port 0 replaced by the real port); *setups* are the ``module:function``
+    hooks the worker calls as it starts (:meth:`Master.worker_setup`).
+    """
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     child_env.update(settings.env)
@@ -77,9 +84,13 @@ def spawn(
             "PYCLUSTER_MASTER_PID": str(os.getpid()),
             "PYCLUSTER_SERIALIZATION": settings.serialization,
             "PYCLUSTER_MAX_MESSAGE": str(settings.max_message_size),
-            "PYCLUSTER_BIND": json.dumps(settings.bind),
+            "PYCLUSTER_BIND": json.dumps(bind),
         }
     )
+    if settings.name:
+        child_env["PYCLUSTER_NAME"] = settings.name
+    if setups:
+        child_env["PYCLUSTER_SETUP"] = json.dumps(setups)
     out: int | IO[bytes] | None = subprocess.PIPE if settings.silent else None
     kwargs: dict[str, object] = {}
     if sys.version_info >= (3, 11):

@@ -13,8 +13,8 @@ from ._state import WorkerState
 if TYPE_CHECKING:
     import subprocess
 
-    from ._channel import Channel
     from ._master import Master
+    from ._supervise import Supervision
 
 __all__ = ["Worker", "signal_number"]
 
@@ -69,8 +69,7 @@ class Worker(Emitter):
         self.env: dict[str, str] = {}
         self.started_at: float | None = None
         self._master: Master | None = None
-        self._channel: Channel | None = None
-        self._attached = False  # the master's loop watches it (its fork event fired)
+        self._sup: Supervision | None = None  # the master's hold on the process
 
     def __repr__(self) -> str:
         return f"<Worker id={self.id} pid={self.pid} state={self.state.value}>"
@@ -90,16 +89,23 @@ class Worker(Emitter):
                 nothing was sent and the channel still works.
             ChannelClosedError: the worker is disconnected or dead.
         """
-        master = self._require_master()
-        channel = self._channel
-        if channel is None or channel.closed:
-            msg = f"cannot send to worker {self.id}: it is {self._where()}"
-            raise ChannelClosedError(msg)
-        settings = master.settings
-        channel.write(
+        settings = self._require_master().settings
+        self._write_control(
             encode_message(message, settings.serialization, settings.max_message_size)
         )
         return True
+
+    def _write_control(self, frame: bytes, fds: list[int] | None = None) -> None:
+        """Write *frame* to the worker's channel.
+
+        Raises:
+            ChannelClosedError: the worker is disconnected or dead.
+        """
+        sup = self._sup
+        if sup is None or sup.channel.closed:
+            msg = f"cannot send to worker {self.id}: it is {self._where()}"
+            raise ChannelClosedError(msg)
+        sup.channel.write(frame, fds)
 
     def kill(self, signal: int | str = "SIGTERM") -> None:
         """Send *signal* to the worker process; no graceful disconnect first.
@@ -126,10 +132,9 @@ class Worker(Emitter):
         if self.exited_after_disconnect:
             return self
         self.exited_after_disconnect = True
-        channel = self._channel
-        if channel is not None and not channel.closed:
-            channel.write(encode_control("disconnect"))
-        master._deadline(self)
+        if self.is_connected():
+            self._write_control(encode_control("disconnect"))
+        master._arm_deadline(self)
         return self
 
     def is_dead(self) -> bool:
@@ -138,8 +143,13 @@ class Worker(Emitter):
 
     def is_connected(self) -> bool:
         """Whether the IPC channel is open (false in ``disconnect`` handlers)."""
-        channel = self._channel
-        return channel is not None and not channel.closed
+        sup = self._sup
+        return sup is not None and not sup.channel.closed
+
+    def is_active(self) -> bool:
+        """Whether the worker is alive, connected and not leaving: it counts toward the
+        cluster's size (false once ``disconnect()`` was called on either side)."""
+        return self.is_connected() and not self.exited_after_disconnect
 
     def _require_master(self) -> Master:
         if self._master is None:

@@ -18,11 +18,12 @@ from typing import Any, cast
 
 from . import __version__
 from ._apps import HTTP_IMPLEMENTATIONS, INTERFACES, ServeOptions
+from ._child import process_title
 from ._errors import PyclusterError
+from ._settings import TARGET
 
-__all__ = ["default_workers", "main"]
+__all__ = ["default_name", "default_workers", "main"]
 
-_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class _UsageError(Exception):
@@ -122,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="how workers share a port (default shared)")
     run.add_argument("--plugin", action="append", metavar="NAME", default=[],
                      help="also use the plugin registered as NAME (repeatable)")
+    run.add_argument("--name", metavar="NAME",
+                     help="the cluster's name, shown by ps in the process titles "
+                          "(default: from APP)")
     run.add_argument("--reload", action="store_true",
                      help="development: a rolling reload whenever a *.py file in APP's "
                           "directory changes (needs watchfiles; implies --no-respawn)")
@@ -273,7 +277,7 @@ def _app_settings(options: argparse.Namespace) -> dict[str, Any]:
             msg = f"APP {app!r}: no such file"
             raise _UsageError(msg)
         return {"exec": app, "args": options.args}
-    if not _TARGET.match(app):
+    if not TARGET.match(app):
         msg = f"APP {app!r} is neither a script path nor 'module:function' (or 'module:app')"
         raise _UsageError(msg)
     _find_module(app)
@@ -377,6 +381,7 @@ def _run(options: argparse.Namespace) -> int:
         msg = f"--workers {workers} must be at least 1"
         raise _UsageError(msg)
     watch = _watch_plugin(options) if options.reload else None
+    settings["name"] = options.name or default_name(options.app)
     master = Master(**settings)
     master.use("logging", format=options.log_format)
     if not options.no_respawn and watch is None:
@@ -386,6 +391,28 @@ def _run(options: argparse.Namespace) -> int:
         master.use(watch)
     for name in options.plugin:
         master.use(name)
-    for _ in range(workers):
-        master.fork()
-    return master.run()
+    listened: list[bool] = []
+    stopped: list[bool] = []
+    master.once("listening", lambda worker, address: listened.append(True))
+    master.once("stop", lambda: stopped.append(True))
+    process_title(f"pycluster master [{settings['name']}]")
+    try:
+        for _ in range(workers):
+            master.fork()
+    except OSError as exc:  # a --bind address is in use or not ours: no worker started
+        print(f"pycluster: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    code = master.run()
+    if master.stop_reason and code:
+        print(f"pycluster: stopped: {master.stop_reason}", file=sys.stderr)
+    elif not listened and not stopped:
+        print("pycluster: warning: every worker exited without listening; does "
+              f"{options.app!r} call pycluster.worker.listen()?", file=sys.stderr)
+    return code
+
+
+def default_name(app: str) -> str:
+    """The cluster's name when ``--name`` is not given: the script's or module's name."""
+    base = os.path.splitext(os.path.basename(app))[0] if app.endswith(".py") else app
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base.split(":")[0]).strip("-._")
+    return name[:64] or "app"

@@ -9,18 +9,16 @@ import time
 import psutil
 import pytest
 
+from pycluster._procfs import open_fds
+
 _OURS = ("socket:", "pipe:", "anon_inode:[pidfd]")
-
-
-def _fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
 @pytest.fixture(autouse=True)
 def _no_leaks():
     """Fail a test that leaves a child process (or a new fd) behind; kill what it left."""
     me = psutil.Process()
-    before = _fds()
+    before = open_fds(os.getpid())
     yield
     deadline = time.monotonic() + 5
     children = me.children(recursive=True)
@@ -39,9 +37,7 @@ def _no_leaks():
         except psutil.Error:
             pass
     assert not children, f"test leaked processes: {[c.pid for c in children]}"
-    leaked = {fd for fd in _fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
-    # pytest's own capture may open fds; only sockets and pipes are ours to worry about
-    ours = {fd for fd in leaked
-            if os.readlink(f"/proc/self/fd/{fd}").startswith(_OURS)}
-    named = sorted((fd, os.readlink(f"/proc/self/fd/{fd}")) for fd in ours)
-    assert not ours, f"test leaked fds: {named}"
+    # pytest's own capture may open fds; only sockets, pipes and pidfds are ours to worry about
+    ours = sorted((fd, link) for fd, link in open_fds(os.getpid()).items()
+                  if fd not in before and link.startswith(_OURS))
+    assert not ours, f"test leaked fds: {ours}"

@@ -33,69 +33,20 @@ from helpers import DEADLINE, Proc, script, wait_until
 from plugin_helpers import clients
 
 import pycluster
+from pycluster._procfs import (
+    children,
+    held_connections,
+    live_children,
+    open_fds,
+    rss_kib,
+    state,
+    zombies,
+)
 
 pytestmark = pytest.mark.reliability
 
 
-# -- /proc helpers ------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of *pid*, from ``/proc/PID/task/*/children``."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.extend(int(p) for p in f.read().split())
-    return found
-
-
-def state(pid: int) -> str | None:
-    """The one-letter state of *pid* (``R``, ``S``, ``Z``…), or ``None`` if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def live_children(pid: int) -> list[int]:
-    """Children of *pid* that are running (not zombies)."""
-    return [c for c in children(pid) if state(c) not in (None, "Z")]
-
-
-def socket_inodes(pid: int) -> set[str]:
-    """Inodes of the sockets *pid* has open."""
-    found: set[str] = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    found.add(link[8:-1])
-    return found
-
-
-def tcp_rows() -> list[tuple[int, str, str]]:
-    """(local port, state hex, inode) of every IPv4/IPv6 TCP socket."""
-    rows = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                parts = line.split()
-                rows.append((int(parts[1].rsplit(":", 1)[1], 16), parts[3], parts[9]))
-    return rows
-
-
-def held_connections(pid: int, port: int) -> int:
-    """How many established TCP connections to *port* the process *pid* holds."""
-    mine = socket_inodes(pid)
-    return sum(1 for p, st, inode in tcp_rows() if p == port and st == "01" and inode in mine)
-
-
-def zombies(pid: int) -> set[int]:
-    """Children of *pid* in state Z."""
-    return {c for c in children(pid) if state(c) == "Z"}
+# -- helpers ----------------------------------------------------------------------------
 
 
 def wait_gone(pidfds: dict[int, int], timeout: float) -> set[int]:
@@ -343,26 +294,6 @@ def test_crash_loop_ends_the_master_non_zero_with_one_line_saying_why(tmp_path, 
 # -- 5. leaks -------------------------------------------------------------------------------
 
 
-def rss_kib() -> int:
-    """This process's resident set size in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    msg = "no VmRSS in /proc/self/status"
-    raise AssertionError(msg)
-
-
-def open_fds() -> list[str]:
-    """What each of this process's fds is (``socket:``, ``pipe:``, a path…), sorted."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the fd listdir itself used is gone already
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            found.append(target.split("[")[0])
-    return sorted(found)
-
-
 class LeakRun:
     """Forks *total* workers that exit at once, *batch* at a time, on a master in this
     process. At the end of each batch (no worker running) it samples this process's fds,
@@ -395,9 +326,11 @@ class LeakRun:
             return
         with self._scan:
             self.quiet_zombies.append(zombies(os.getpid()))
-            fds = open_fds()
+            fds = sorted(link.split("[")[0] for link in open_fds(os.getpid()).values())
+        rss = rss_kib(os.getpid())
+        assert rss is not None
         self.fd_kinds.append(fds)
-        self.samples.append((self.exited, len(fds), rss_kib()))
+        self.samples.append((self.exited, len(fds), rss))
         self.fork_batch()
 
     def watch(self) -> None:

@@ -7,22 +7,13 @@ line and no traceback). Where it is tested:
 =====================  ========================================  ===============================
 where                  bad values                                test (file: test_…)
 =====================  ========================================  ===============================
-``Master(**settings)`` unknown, misspelt name; scheduling,       test_settings: bad_setting_is_a_
-                       serialization not a choice; kill_timeout  settings_error_naming_the_value
-                       < 0, nan, inf, bool, str; exec, cwd
-                       missing; target malformed, int, lambda;
-                       args str, bytes, non-str items; env not
-                       a mapping, non-str, '=' in a name; uid,
-                       gid unknown, negative, bool;
-                       max_message_size < 1024, float; silent
-                       not a bool
-``Master(**settings)`` exec a directory, cwd a file, exec with   test_settings: exec_must_be_a_
-                       target                                    file…, cwd_must_be…, exec_and_…
-``Master(**settings)`` exec, cwd an int; args an int, a          here: more_bad_settings_name_
-                       generator with a non-str; kill_timeout an the_value
-                       int too large for a float; bind an int,
-                       bytes, [None]; max_message_size >= 2**32;
-                       target in ``__main__`` (string, function)
+``Settings``,          every field: wrong type, out of range,    unit/test_settings (no
+``Master(**settings)`` not a choice, not found; unknown and      process): bad_setting_is_a_
+                       misspelt names; exec a directory, cwd a   settings_error_naming_the_
+                       file, exec with target; target in         value and the tests after it
+                       ``__main__``; bind an int, bytes, [None]
+``bind=``, ``--bind``  port out of range or not digits, no port, unit/test_address
+                       stray spaces, ``unix:`` alone, not a str
 ``fork(env=...)``      not a mapping, non-str items              test_settings: fork_with_bad_env…
 ``master.use(...)``    unknown plugin name; not a plugin         test_cli (--plugin nope); here:
                                                                  bad_signal_and_plugin_names
@@ -52,8 +43,9 @@ where                  bad values                                test (file: tes
 =====================  ========================================  ===============================
 
 Security: the IPC channel is an unnamed socketpair (no TCP or filesystem endpoint, seen
-in ``/proc``); pickle is opt-in (JSON channels refuse pickle frames, the README says pickle
-trusts the workers); a worker dropped to ``nobody`` cannot become root again.
+in ``/proc``); a worker dropped to ``nobody`` cannot become root again. That pickle is
+opt-in (JSON channels refuse pickle frames, the README says pickle trusts the workers)
+is checked without a process in ``unit/test_protocol.py``.
 """
 
 from __future__ import annotations
@@ -80,7 +72,7 @@ from pycluster.plugins.respawn import Respawn
 
 import pycluster
 from pycluster import cli
-from pycluster._protocol import PICKLE, decode_message
+from pycluster._procfs import inet_inodes, socket_inodes, unix_sockets
 
 pytestmark = pytest.mark.reliability
 
@@ -88,49 +80,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- 6. bad input ----------------------------------------------------------------------------
-
-
-def _in_main() -> None:
-    """A function that claims to live in the main script."""
-
-
-_in_main.__module__ = "__main__"
-
-MORE_BAD_SETTINGS = [
-    pytest.param({"exec": 123}, r"exec=123 must be a path", id="exec-int"),
-    pytest.param({"cwd": 123}, r"cwd=123 must be a path", id="cwd-int"),
-    pytest.param({"args": 123}, r"args=123 must be a list of strings", id="args-int"),
-    pytest.param({"args": (a for a in ["x", 1])}, r"args=<generator object .* must be a list",
-                 id="args-generator-int"),
-    pytest.param({"kill_timeout": 10**400}, r"kill_timeout=1000000.* must be a number",
-                 id="kill_timeout-huge-int"),
-    pytest.param({"bind": 123}, r"bind=123 must be an address", id="bind-int"),
-    pytest.param({"bind": b"127.0.0.1:80"}, r"bind=b'127.0.0.1:80' must be an address",
-                 id="bind-bytes"),
-    pytest.param({"bind": [None]}, r"bind address None must be a string", id="bind-none-item"),
-    pytest.param({"max_message_size": 2**32},
-                 r"max_message_size=4294967296 must be .* below 2\*\*32", id="size-too-big"),
-    pytest.param({"target": "__main__:main"}, r"target='__main__:main' is in the main script",
-                 id="target-main-string"),
-    pytest.param({"target": _in_main}, r"target='__main__:_in_main' is in the main script",
-                 id="target-main-function"),
-]
-
-
-@pytest.mark.parametrize(("settings", "match"), MORE_BAD_SETTINGS)
-def test_more_bad_settings_name_the_value(settings, match):
-    """Settings of the wrong type (which used to escape as TypeError or OverflowError),
-    a message size the 32-bit frame header cannot carry, and a target in ``__main__``
-    (which a worker would import as pycluster's own boot module) raise SettingsError
-    naming the setting and the value, before any worker starts."""
-    with pytest.raises(pycluster.SettingsError, match=match):
-        pycluster.Master(**settings)
-
-
-def test_args_from_a_generator_are_all_kept():
-    """args= given as a generator keeps every item (it is read once, not twice)."""
-    master = pycluster.Master(exec=__file__, args=(a for a in ["x", "y"]))
-    assert master.settings.args == ("x", "y")
 
 
 MORE_CLI_ERRORS = [
@@ -284,35 +233,6 @@ def test_bad_listen_hosts_are_errors_in_the_worker_not_a_kill(tmp_path):
 # -- 7. security ---------------------------------------------------------------------------
 
 
-def unix_table() -> dict[str, str]:
-    """Socket inode → path (``""`` if unnamed) of every AF_UNIX socket, /proc/net/unix."""
-    table = {}
-    with open("/proc/net/unix") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            table[parts[6]] = parts[7] if len(parts) > 7 else ""
-    return table
-
-
-def inet_inodes() -> set[str]:
-    """Inodes of every TCP, UDP and raw socket (IPv4 and IPv6)."""
-    found = set()
-    for name in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
-        with contextlib.suppress(OSError), open(f"/proc/net/{name}") as f:
-            found.update(line.split()[9] for line in f.readlines()[1:])
-    return found
-
-
-def sockets_of(pid: int) -> set[str]:
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                found.add(link[8:-1])
-    return found
-
-
 CHANNEL_REPORT = """
     import os, socket, struct, threading, pycluster
     w = pycluster.worker
@@ -334,13 +254,13 @@ def test_ipc_channel_is_an_unnamed_socketpair_only(tmp_path):
     master opened for it is a TCP/UDP socket or a named (filesystem or abstract) unix
     socket. No PYCLUSTER_ variable is left in the worker's environment."""
     master = pycluster.Master(exec=script(tmp_path, CHANNEL_REPORT), args=[], kill_timeout=10)
-    before = sockets_of(os.getpid())
+    before = socket_inodes(os.getpid())
     seen: dict[str, Any] = {}
 
     def on_message(worker, report):
-        table, inet = unix_table(), inet_inodes()
-        mine = sockets_of(worker.pid)
-        opened = sockets_of(os.getpid()) - before
+        table, inet = unix_sockets(), inet_inodes()
+        mine = socket_inodes(worker.pid)
+        opened = socket_inodes(os.getpid()) - before
         seen.update(report=report, worker=[(i, table.get(i), i in inet) for i in mine],
                     master=[(i, table.get(i), i in inet) for i in opened])
         worker.send("bye")
@@ -357,30 +277,6 @@ def test_ipc_channel_is_an_unnamed_socketpair_only(tmp_path):
     assert [(path, inet) for _, path, inet in seen["worker"]] == [("", False)]
     assert seen["master"], "the master's end of the channel was not found"
     assert {(path, inet) for _, path, inet in seen["master"]} == {("", False)}, seen["master"]
-
-
-def test_pickle_is_opt_in_refused_on_json_channels_and_documented_as_trusting_workers(tmp_path):
-    """Serialization defaults to JSON; a pickle frame on a JSON channel is refused as a
-    ProtocolError without being unpickled (its payload would create a file); and the
-    README says that pickle lets a worker run code in the master, for trusted workers
-    only. (A real worker sending such a frame is in test_messages.py, mode
-    'pickle-on-json'.)"""
-    import pickle
-
-    canary = tmp_path / "canary"
-
-    class Canary:
-        def __reduce__(self) -> Any:
-            return (os.mkdir, (str(canary),))
-
-    assert pycluster.Master(exec=__file__).settings.serialization == "json"
-    with pytest.raises(pycluster.ProtocolError, match="pickle frame .* serialization='json'"):
-        decode_message(PICKLE, pickle.dumps(Canary()), "json")
-    assert not canary.exists()
-    readme = (ROOT / "README.md").read_text()
-    line = next(line for line in readme.splitlines() if "`serialization`" in line)
-    for words in ("pickle", "run code in the master", "trust"):
-        assert words in line, line
 
 
 # -- uid/gid drop ----------------------------------------------------------------------------

@@ -121,8 +121,10 @@ def expect(data: bytes) -> tuple[bool, list[Any]] | None:
             if not isinstance(backlog, int) or not 0 < backlog < 2**31:
                 return False, messages  # no socket takes that backlog
             return None
-        if value["act"] not in ("ready", "disconnecting"):
-            return False, messages
+        if value["act"] in ("online", "listening"):
+            return False, messages  # out of order: this worker is online and never listened
+        # ready, disconnecting, a stray reply, a plugin act, or an act the master does not
+        # know: logged or answered with an error, never fatal to the worker
     return True, messages
 
 
@@ -142,14 +144,15 @@ json_values = st.recursive(
 )
 
 INTERNAL_ACTS = ["online", "listening", "reply", "disconnect", "queryServer", "ready",
-                 "disconnecting"]
+                 "disconnecting", "plugin"]
 
 #: Control-looking objects: cluster acts (and Node's) with random fields, a listen request
 #: no socket can satisfy, and the same objects as user messages (kind 1: never acted on).
 control_objects = st.one_of(
     st.builds(lambda act, extra: {**extra, "act": act},
               st.sampled_from(INTERNAL_ACTS) | st.text(max_size=12),
-              st.dictionaries(st.sampled_from(["seq", "ok", "port", "host", "cmd", "errno"]),
+              st.dictionaries(st.sampled_from(["seq", "ok", "port", "host", "cmd", "errno", "ns",
+                                               "data", "of"]),
                               json_values, max_size=3)),
     st.builds(lambda seq, backlog: {"act": "listen", "seq": seq, "host": "127.0.0.1",
                                     "port": 0, "backlog": backlog},

@@ -149,7 +149,8 @@ def test_crash_loop_gives_up_and_ends_the_master_non_zero(tmp_path, caplog):
     emits respawn_give_up(worker, reason), logs why at ERROR, and the master ends with 1
     after exactly 1 + max_restarts forks."""
     master = make(tmp_path, "import pycluster\nraise SystemExit(1)\n")
-    respawn = Respawn(min_delay=0.01, max_delay=0.05, max_restarts=4, window=600)
+    respawn = Respawn(min_delay=0.01, max_delay=0.05, max_restarts=4, window=600,
+                      fail_fast=False)
     master.use(respawn)
     events = Events(master)
     gave_up = []
@@ -167,6 +168,44 @@ def test_crash_loop_gives_up_and_ends_the_master_non_zero(tmp_path, caplog):
     errors = [r for r in caplog.records
               if r.name == "pycluster.respawn" and r.levelno == logging.ERROR]
     assert [r.getMessage().split(":")[0] for r in errors] == ["respawn gives up"]
+
+
+def test_a_worker_dying_before_any_worker_listened_gives_up_at_once(tmp_path, caplog):
+    """Fail fast at boot: with default options, a worker that dies before listening while
+    no worker of the cluster has listened yet (an app that fails at start) is not retried;
+    respawn gives up on that first death with a reason saying so, which the master keeps
+    as stop_reason, and run() returns 1."""
+    master = make(tmp_path, "import pycluster\nraise RuntimeError('broken at import')\n")
+    master.use("respawn")
+    events = Events(master)
+    master.fork()
+    with caplog.at_level(logging.INFO, logger="pycluster"):
+        assert drive(master) == 1
+    assert len(events.of("fork")) == 1
+    assert "died before it listened (exit code 1)" in master.stop_reason
+    assert "no worker has listened yet" in master.stop_reason
+    assert master.stop_reason.startswith("respawn gave up: worker 1 ")
+
+
+def test_fail_fast_is_off_once_the_cluster_has_served(tmp_path):
+    """Once a worker has listened, a later worker that dies before listening is retried
+    with backoff as usual (a bad deploy of one slot does not stop a serving cluster at
+    once): here the second worker fails twice, then the master is stopped cleanly."""
+    body = WORKER.replace("w.listen(0,", "if os.environ.get('TAG') == 'bad':\n"
+                          "        raise SystemExit(1)\n    w.listen(0,")
+    master = make(tmp_path, body).use("respawn", min_delay=0.01)
+    events = Events(master)
+    ready = Ready(master)
+    master.fork()
+    master.on("listening", lambda w, a: w.id == 1 and master.fork(env={"TAG": "bad"}))
+
+    async def scenario(r: Running):
+        await r.until(lambda: len(events.of("exit")) >= 3, "three deaths of the bad slot")
+        master.stop()
+
+    assert drive(master, scenario) == 0
+    assert 1 in ready.by_id
+    assert master.stop_reason is None
 
 
 def test_boot_failure_exit_3_gives_up_at_once(tmp_path):
@@ -269,7 +308,7 @@ def test_backoff_grows_to_the_cap_without_jitter(tmp_path, delays):
     (jitter=0 makes the plugin's decisions exact), and the forks happen in that order."""
     body = COUNTED.format(path=str(tmp_path / "count"), crashes=6)
     master = make(tmp_path, body)
-    master.use(Respawn(min_delay=0.01, max_delay=0.04, jitter=0, max_restarts=20))
+    master.use(Respawn(min_delay=0.01, max_delay=0.04, jitter=0, max_restarts=20, fail_fast=False))
     ready = Ready(master)
     forked_at = []
     master.on("fork", lambda w: forked_at.append(w.started_at))
@@ -289,7 +328,8 @@ def test_backoff_jitter_stays_within_bounds(tmp_path, delays):
     """With jitter=0.5 each delay is the exponential delay times a factor in [0.5, 1.5]."""
     body = COUNTED.format(path=str(tmp_path / "count"), crashes=5)
     master = make(tmp_path, body)
-    master.use(Respawn(min_delay=0.02, max_delay=0.08, jitter=0.5, max_restarts=20))
+    master.use(Respawn(min_delay=0.02, max_delay=0.08, jitter=0.5, max_restarts=20,
+                       fail_fast=False))
     ready = Ready(master)
     master.fork()
 
@@ -311,7 +351,7 @@ def test_backoff_resets_after_a_stable_run(tmp_path, delays):
         "if n <= 3:", "if n <= 3 or n == 5:")
     master = make(tmp_path, body)
     master.use(Respawn(min_delay=0.01, max_delay=1, jitter=0, stable_after=0.2,
-                       max_restarts=20))
+                       max_restarts=20, fail_fast=False))
     ready = Ready(master)
     master.fork()
 
@@ -333,7 +373,7 @@ def test_unuse_cancels_a_pending_replacement(tmp_path):
     """Removing the plugin while a replacement waits out a long backoff cancels it: the
     master, with no worker left, ends instead of waiting for the timer."""
     master = make(tmp_path, "import pycluster\nraise SystemExit(1)\n")
-    respawn = Respawn(min_delay=600, max_delay=600, max_restarts=20)
+    respawn = Respawn(min_delay=600, max_delay=600, max_restarts=20, fail_fast=False)
     master.use(respawn)
     events = Events(master)
     master.fork()
@@ -361,7 +401,7 @@ def test_stop_cancels_a_pending_replacement(tmp_path):
         done.wait(60)
     """
     master = make(tmp_path, body)
-    master.use(Respawn(min_delay=600, max_delay=600, max_restarts=20))
+    master.use(Respawn(min_delay=600, max_delay=600, max_restarts=20, fail_fast=False))
     events = Events(master)
     ready = Ready(master)
     master.fork()
@@ -380,7 +420,7 @@ def test_give_up_cancels_other_pending_replacements(tmp_path):
     """When respawn gives up, a replacement of another slot that waits out its backoff
     is dropped too: the master ends with 1 at once rather than after that delay."""
     master = make(tmp_path, "import pycluster\nraise SystemExit(1)\n")
-    master.use(Respawn(min_delay=600, max_delay=600, max_restarts=3))
+    master.use(Respawn(min_delay=600, max_delay=600, max_restarts=3, fail_fast=False))
     events = Events(master)
     gave_up = []
     master.on("respawn_give_up", lambda w, reason: gave_up.append(reason))
@@ -398,7 +438,7 @@ def test_sigterm_with_only_a_pending_replacement_ends_the_master(tmp_path):
     """stop() while no worker is alive and one replacement waits out a long backoff ends
     the master at once: a stopping master forks nothing, so nothing should hold it."""
     master = make(tmp_path, "import pycluster\nraise SystemExit(1)\n")
-    master.use(Respawn(min_delay=600, max_delay=600, max_restarts=20))
+    master.use(Respawn(min_delay=600, max_delay=600, max_restarts=20, fail_fast=False))
     events = Events(master)
     master.fork()
 

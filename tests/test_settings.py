@@ -1,16 +1,16 @@
-"""Master settings: bad values give clear errors; every way of starting workers works.
+"""Master settings: every way of starting workers works; fork() refuses bad input.
 
 Start modes are run for real: the default (re-run the main program, as ``python app.py``,
 ``python -m pkg.app`` and ``python -c``) from a master started as a subprocess, and
 ``exec``/``args``, ``target``, ``cwd``, ``silent`` and ``uid``/``gid`` from a master in
-this process.
+this process. Bad setting values never start a process; they are checked in
+``unit/test_settings.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import pwd
 import re
@@ -22,127 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 from helpers import DEADLINE, Events, Proc, run, script
 
 import pycluster
 
-# -- bad settings --------------------------------------------------------------------------------
-
-NO_FILE = "/nonexistent-pycluster-dir/worker.py"
-NO_DIR = "/nonexistent-pycluster-dir/sub"
-
-BAD_SETTINGS = [
-    pytest.param({"bogus": 1}, r"unknown setting 'bogus'; the settings are: args, ", id="unknown"),
-    pytest.param({"kill_timout": 1}, r"unknown setting 'kill_timout'", id="misspelt"),
-    pytest.param({"scheduling": "rr"},
-                 r"scheduling='rr' is not one of 'shared', 'reuseport' \('rr' is not offered",
-                 id="scheduling-rr"),
-    pytest.param({"scheduling": "bogus"},
-                 r"scheduling='bogus' is not one of 'shared', 'reuseport'$", id="scheduling-bogus"),
-    pytest.param({"scheduling": None}, r"scheduling=None is not one of", id="scheduling-none"),
-    pytest.param({"serialization": "xml"}, r"serialization='xml' is not one of 'json', 'pickle'",
-                 id="serialization-xml"),
-    pytest.param({"serialization": "advanced"}, r"serialization='advanced'",
-                 id="serialization-node"),
-    pytest.param({"kill_timeout": -1}, r"kill_timeout=-1 must be a number of seconds >= 0",
-                 id="kill_timeout-negative"),
-    pytest.param({"kill_timeout": math.nan}, r"kill_timeout=nan must be", id="kill_timeout-nan"),
-    pytest.param({"kill_timeout": math.inf}, r"kill_timeout=inf must be", id="kill_timeout-inf"),
-    pytest.param({"kill_timeout": True}, r"kill_timeout=True must be", id="kill_timeout-bool"),
-    pytest.param({"kill_timeout": "5"}, r"kill_timeout='5' must be", id="kill_timeout-str"),
-    pytest.param({"exec": NO_FILE}, rf"exec='{NO_FILE}' is not a file", id="exec-missing"),
-    pytest.param({"target": "not a target"},
-                 r"target='not a target' is not of the form 'package.module:function'",
-                 id="target-not-a-target"),
-    pytest.param({"target": "module_only"}, r"target='module_only' is not of the form",
-                 id="target-no-function"),
-    pytest.param({"target": "pkg.mod:"}, r"target='pkg.mod:' is not of the form",
-                 id="target-empty-func"),
-    pytest.param({"target": 42}, r"target=42 is not of the form", id="target-int"),
-    pytest.param({"target": lambda: 0},
-                 r"target=<function .*<lambda> at 0x\w+> cannot be found again by a fresh "
-                 r"interpreter", id="target-lambda"),
-    pytest.param({"args": ["--port", 8000]},
-                 r"args=\['--port', 8000\] must be a list of strings", id="args-int-item"),
-    pytest.param({"args": "--port 8000"}, r"args='--port 8000' must be a list of strings",
-                 id="args-str"),
-    pytest.param({"args": [b"--port"]}, r"args=\[b'--port'\] must be a list", id="args-bytes"),
-    pytest.param({"env": {"A": 1}}, r"env item 'A': 1 must be a non-empty str name",
-                 id="env-int-value"),
-    pytest.param({"env": {"A": None}}, r"env item 'A': None must be", id="env-none-value"),
-    pytest.param({"env": {1: "x"}}, r"env item 1: 'x' must be", id="env-int-name"),
-    pytest.param({"env": {"A=B": "x"}}, r"env item 'A=B': 'x' must be .*no '='", id="env-equals"),
-    pytest.param({"env": ["A=1"]}, r"env=\['A=1'\] must be a mapping of strings to strings",
-                 id="env-list"),
-    pytest.param({"cwd": NO_DIR}, rf"cwd='{NO_DIR}' is not a directory", id="cwd-missing"),
-    pytest.param({"uid": "no-such-user-pycluster"},
-                 r"uid='no-such-user-pycluster' is not a known user name or id", id="uid-unknown"),
-    pytest.param({"uid": -1}, r"uid=-1 is not a known user", id="uid-negative"),
-    pytest.param({"uid": True}, r"uid=True is not a known user", id="uid-bool"),
-    pytest.param({"gid": "no-such-group-pycluster"},
-                 r"gid='no-such-group-pycluster' is not a known group name or id",
-                 id="gid-unknown"),
-    pytest.param({"max_message_size": 100},
-                 r"max_message_size=100 must be an int of at least 1024 bytes", id="size-small"),
-    pytest.param({"max_message_size": 1023}, r"max_message_size=1023 must be", id="size-1023"),
-    pytest.param({"max_message_size": 4096.0}, r"max_message_size=4096.0 must be", id="size-float"),
-    pytest.param({"silent": "no"}, r"silent='no' must be True or False", id="silent-str"),
-]
-
-
-@pytest.mark.parametrize(("settings", "match"), BAD_SETTINGS)
-def test_bad_setting_is_a_settings_error_naming_the_value(settings, match):
-    """Each bad setting raises SettingsError (also a ValueError) whose message names the
-    setting and the bad value, before any worker is started."""
-    with pytest.raises(pycluster.SettingsError, match=match) as info:
-        pycluster.Master(**settings)
-    assert isinstance(info.value, ValueError)
-
-
-def test_exec_must_be_a_file_not_a_directory(tmp_path):
-    """exec= naming a directory is refused like a missing file."""
-    match = rf"exec='{re.escape(str(tmp_path))}' is not a file"
-    with pytest.raises(pycluster.SettingsError, match=match):
-        pycluster.Master(exec=tmp_path)
-
-
-def test_cwd_must_be_a_directory_not_a_file(tmp_path):
-    """cwd= naming a file is refused, naming it."""
-    path = script(tmp_path, "")
-    match = rf"cwd='{re.escape(path)}' is not a directory"
-    with pytest.raises(pycluster.SettingsError, match=match):
-        pycluster.Master(cwd=path)
-
-
-def test_exec_and_target_together_are_refused(tmp_path):
-    """exec= and target= exclude each other; the error names both values."""
-    path = script(tmp_path, "")
-    with pytest.raises(pycluster.SettingsError,
-                       match=rf"pass exec= or target=, not both \(exec='{re.escape(path)}', "
-                             r"target='os:getcwd'\)"):
-        pycluster.Master(exec=path, target="os:getcwd")
-
-
-def test_settings_are_normalised_and_frozen(tmp_path):
-    """Good settings are normalised (paths made absolute, names resolved to ids, args to a
-    tuple) and cannot be changed afterwards."""
-    path = script(tmp_path, "")
-    here = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        master = pycluster.Master(exec="worker.py", cwd=".", args=["a"], kill_timeout=1,
-                                  uid="root", gid=0)
-    finally:
-        os.chdir(here)
-    settings = master.settings
-    assert (settings.exec, settings.cwd, settings.args) == (path, str(tmp_path), ("a",))
-    assert (settings.uid, settings.gid, settings.kill_timeout) == (0, 0, 1.0)
-    assert settings.scheduling == "shared"
-    assert (settings.serialization, settings.silent) == ("json", False)
-    with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        settings.kill_timeout = 5  # type: ignore[misc]
+# -- bad values (the settings themselves are checked in unit/test_settings.py) ----------
 
 
 @pytest.mark.parametrize(("env", "match"), [
