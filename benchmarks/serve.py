@@ -12,7 +12,9 @@ Three figures per server:
 2. failed requests (wrk socket errors + non-2xx) over 10 rolling reloads (SIGHUP to the
    master) under ``wrk -c64`` keep-alive load; target 0 for pycluster;
 3. requests in flight at SIGTERM: 32 requests to ``/slow`` (0.5 s each) are sent, the
-   master gets SIGTERM while they run; how many complete with 200, and the exit code.
+   master gets SIGTERM while they run; how many complete with 200, and the exit code;
+4. ``pycluster run --reload``: failed requests while the Flask app's file is edited
+   (``--reloads`` times, ``--interval`` apart) under the same load; target 0.
 
     python benchmarks/serve.py [--rounds 2] [--reloads 10] [--interval 5] [--seconds 5]
 """
@@ -126,6 +128,40 @@ def in_flight(name: str) -> tuple[int, int | None]:
     return ok[0], code
 
 
+def edits_under_load(edits: int, interval: float) -> tuple[reload.Result, int]:
+    """``pycluster run --reload`` on a copy of serve_apps.py under wrk load, the file
+    edited *edits* times; return wrk's result and how many reloads finished."""
+    folder = Path(tempfile.mkdtemp(prefix="pycluster-edit-"))
+    source = folder / "serve_apps.py"
+    source.write_text((HERE / "serve_apps.py").read_text())
+    port = free_port()
+    cmd = [PYTHON, "-m", "pycluster", "run", "--workers", "2", "--bind", f"{HOST}:{port}",
+           "--reload", "serve_apps:flask_app"]
+    log = folder / "pycluster.log"
+    duration = interval * (edits + 1)
+    with log.open("wb") as out, running(cmd, cwd=folder, stdout=out,
+                                        stderr=subprocess.STDOUT) as proc:
+        wait_port(port, proc)
+        answers(port)
+        load = subprocess.Popen(["wrk", "-t1", "-c64", f"-d{duration:g}s",
+                                 f"http://{HOST}:{port}/"], stdout=subprocess.PIPE, text=True)
+        try:
+            start = time.monotonic()
+            for i in range(1, edits + 1):
+                time.sleep(max(0.0, start + i * interval - time.monotonic()))
+                with source.open("a") as f:
+                    f.write(f"# edit {i}\n")
+            report, _ = load.communicate(timeout=duration + 60)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+    requests, errors, non_2xx = reload.parse_wrk(report)
+    done = log.read_text(errors="replace").count("rolling reload finished")
+    return reload.Result("pycluster --reload", edits, done, requests, non_2xx=non_2xx,
+                         **errors), done
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -153,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         say("  " + failed[name].line())
     flight = {name: in_flight(name) for name in names}
+    edited, _ = edits_under_load(args.reloads, args.interval)
+    say("  " + edited.line())
     met = True
     print(f"{'server':26s} {'req/s':>9s} {'vs best peer':>12s} {'failed/reloads':>15s} "
           f"{'reloads done':>12s} {'in flight at SIGTERM':>21s} {'exit':>5s}")
@@ -169,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             reloads_done = "-" if result.reloads_done is None else str(result.reloads_done)
             print(f"{name:26s} {rps[name]:9.0f} {ratio:11.2f}x {errors:8d}/{result.sighups:<6d} "
                   f"{reloads_done:>12s} {done:>14d}/{SLOW_CLIENTS:<6d} {code!s:>5s}", flush=True)
+    edit_errors = edited.errors + edited.non_2xx
+    met &= edit_errors == 0
+    print(f"pycluster run --reload, Flask app, {edited.sighups} edits under wrk -c64: "
+          f"{edit_errors} failed of {edited.requests} requests, {edited.reloads_done} reloads "
+          "finished", flush=True)
     print(f"targets (pycluster: >= 0.97x the best peer's req/s, 0 failed requests over "
           f"{args.reloads} reloads, all {SLOW_CLIENTS} in-flight requests answered, exit 0): "
           f"{'met' if met else 'NOT met'}", flush=True)
