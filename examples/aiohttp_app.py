@@ -47,7 +47,9 @@ async def serve():
     await site.stop()  # stop accepting; the other workers take the new connections
     loop = asyncio.get_running_loop()
     deadline = loop.time() + GRACE
-    while runner.server.connections and loop.time() < deadline:
+    while loop.time() < deadline:  # each connection closes after its next response
+        if not runner.server.connections:
+            break
         await asyncio.sleep(0.05)
     await runner.cleanup()
 
