@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: from APP)")
     run.add_argument("--reload", action="store_true",
                      help="development: a rolling reload whenever a *.py file in APP's "
-                          "directory changes (needs watchfiles; implies --no-respawn)")
+                          "directory changes (needs watchfiles)")
     run.add_argument("--config", metavar="FILE",
                      help="read options from a TOML file (keys are the long option names, "
                           "such as workers = 4 or graceful-timeout = 10); flags win")
@@ -384,7 +384,7 @@ def _run(options: argparse.Namespace) -> int:
     settings["name"] = options.name or default_name(options.app)
     master = Master(**settings)
     master.use("logging", format=options.log_format)
-    if not options.no_respawn and watch is None:
+    if not options.no_respawn:
         master.use("respawn")
     master.use("reload")
     if watch is not None:
