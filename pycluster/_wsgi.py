@@ -98,6 +98,10 @@ def serve(app: Any, options: ServeOptions) -> int:
         app = _mounted(app, options.root_path)
     extra: dict[str, Any] = {}
     if options.proxy_headers:
+        if "," in options.forwarded_allow_ips:
+            msg = (f"--forwarded-allow-ips {options.forwarded_allow_ips!r}: waitress trusts one "
+                   "proxy address, or '*' for any")
+            raise AppError(msg)
         extra.update(
             trusted_proxy=options.forwarded_allow_ips,
             trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto",

@@ -77,12 +77,22 @@ def test_root_path_proxy_headers_and_access_log(tmp_path):
         assert stop(proc) == 0
 
 
-def test_tls_for_a_wsgi_app_is_refused_in_one_line(tmp_path):
-    """waitress has no TLS: --ssl-certfile with a WSGI app is one line and exit 1."""
+@pytest.mark.parametrize(
+    ("options", "line"),
+    [
+        (("--ssl-keyfile", "key.pem", "--ssl-certfile", "cert.pem"),
+         "pycluster: error: TLS (--ssl-certfile) is served for ASGI apps only"),
+        (("--proxy-headers", "--forwarded-allow-ips", "10.0.0.1,10.0.0.2"),
+         "pycluster: error: --forwarded-allow-ips '10.0.0.1,10.0.0.2': waitress trusts one"),
+    ],
+)
+def test_what_waitress_cannot_do_is_refused_in_one_line(tmp_path, options, line):
+    """waitress has no TLS and trusts a single proxy address: asking for either with a
+    WSGI app is one line and exit 1 (a boot failure)."""
     (tmp_path / "key.pem").write_text("not read")
     (tmp_path / "cert.pem").write_text("not read")
-    with start(tmp_path, APP, "--ssl-keyfile", "key.pem", "--ssl-certfile", "cert.pem") as proc:
+    with start(tmp_path, APP, *options) as proc:
         assert proc.wait() == 1
         stderr = stderr_of(proc)
-    assert "pycluster: error: TLS (--ssl-certfile) is served for ASGI apps only" in stderr
+    assert line in stderr
     assert "Traceback" not in stderr
