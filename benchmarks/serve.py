@@ -90,6 +90,37 @@ def answers(port: int, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def trial(name: str, reloads: int, interval: float, log: Path) -> reload.Result:
+    """wrk -c64 for (reloads + 1) * interval seconds with a SIGHUP to the master every
+    *interval*; the load starts once the app answers (not when the master has bound: wrk's
+    first requests would wait for the workers to boot and count as timeouts)."""
+    port = free_port()
+    _, cmd = servers(port)[name]
+    duration = interval * (reloads + 1)
+    with log.open("wb") as out, running(cmd, cwd=HERE, stdout=out,
+                                        stderr=subprocess.STDOUT) as proc:
+        wait_port(port, proc)
+        answers(port)
+        time.sleep(2.0)  # the other worker up too
+        load = subprocess.Popen(["wrk", "-t1", "-c64", f"-d{duration:g}s",
+                                 f"http://{HOST}:{port}/"], stdout=subprocess.PIPE, text=True)
+        try:
+            start = time.monotonic()
+            for i in range(1, reloads + 1):
+                time.sleep(max(0.0, start + i * interval - time.monotonic()))
+                os.kill(proc.pid, signal.SIGHUP)
+            report, _ = load.communicate(timeout=duration + 60)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+    requests, errors, non_2xx = reload.parse_wrk(report)
+    done = None
+    if name.startswith("pycluster"):
+        done = log.read_text(errors="replace").count("rolling reload finished")
+    return reload.Result(name, reloads, done, requests, non_2xx=non_2xx, **errors)
+
+
 def in_flight(name: str) -> tuple[int, int | None]:
     """Send SLOW_CLIENTS requests to /slow, SIGTERM the master while they run; return
     (answered 200, the master's exit code)."""
@@ -143,6 +174,7 @@ def edits_under_load(edits: int, interval: float) -> tuple[reload.Result, int]:
                                         stderr=subprocess.STDOUT) as proc:
         wait_port(port, proc)
         answers(port)
+        time.sleep(2.0)  # the other worker up too
         load = subprocess.Popen(["wrk", "-t1", "-c64", f"-d{duration:g}s",
                                  f"http://{HOST}:{port}/"], stdout=subprocess.PIPE, text=True)
         try:
@@ -180,13 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="pycluster-serve-"))
     failed: dict[str, reload.Result] = {}
     for name in names:
-        port = free_port()
-        _, cmd = servers(port)[name]
-        failed[name] = reload.trial(
-            name, cmd, {}, HERE, port, duration=args.interval * (args.reloads + 1),
-            reloads=args.reloads, log=scratch / f"{name}.log",
-            done_pattern=r"rolling reload finished" if name.startswith("pycluster") else None,
-        )
+        failed[name] = trial(name, args.reloads, args.interval, scratch / f"{name}.log")
         say("  " + failed[name].line())
     flight = {name: in_flight(name) for name in names}
     edited, _ = edits_under_load(args.reloads, args.interval)
