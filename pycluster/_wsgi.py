@@ -139,10 +139,16 @@ def _drain(server: Any, options: ServeOptions, done: threading.Event) -> None:
     deadline = time.monotonic() + max(0.0, options.graceful_timeout - 1.0)
     _Drain.draining = True
 
+    stopped = threading.Event()
+
     def stop_accepting() -> None:
         server.accepting = False
+        stopped.set()
 
     server.trigger.pull_trigger(stop_accepting)
+    # Count connections only once waitress stopped accepting: one it accepts meanwhile
+    # must be waited for, not closed with its request unread.
+    stopped.wait(max(0.0, deadline - time.monotonic()))
     while server.active_channels and time.monotonic() < deadline:
         time.sleep(_POLL)
     server.trigger.pull_trigger(lambda: _close_all(server))
