@@ -248,6 +248,9 @@ async def _drain(server: uvicorn.Server, gate: _Gate, live: set[Any], servers: l
         await asyncio.sleep(_POLL)
     for listener in servers:
         listener.close()
+    # asyncio makes the protocol of a connection it accepted a loop turn or more later:
+    # give those a moment to show up in `live` before counting.
+    await asyncio.sleep(_POLL)
     while time.monotonic() < deadline:
         for transport in [t for t in live if t.is_closing()]:
             live.discard(transport)
