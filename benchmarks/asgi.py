@@ -1,8 +1,8 @@
-"""The ASGI example against ``uvicorn --workers``: the same app, the same worker count.
+"""The FastAPI example against ``uvicorn --workers``: the same app, the same worker count.
 
-- ``pycluster``: ``examples/asgi_uvicorn.py`` (uvicorn in each pycluster worker, on the
-  master's shared socket, with respawn, reload and a graceful drain);
-- ``uvicorn``: ``uvicorn --workers 2 asgi_uvicorn:app`` (uvicorn's own supervisor, serving
+- ``pycluster``: ``pycluster run fastapi_app:app`` (uvicorn in each pycluster worker, on
+  the master's shared socket, with respawn, reload and pycluster's drain);
+- ``uvicorn``: ``uvicorn --workers 2 fastapi_app:app`` (uvicorn's own supervisor, serving
   the very same ``app`` object from the same file).
 
 Two figures: requests/s under ``wrk -t1 -c64`` (interleaved rounds, medians), and the
@@ -35,11 +35,11 @@ HOST = "127.0.0.1"
 def commands(port: int, workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     """The two servers' command lines and environments."""
     return {
-        "pycluster": ([PYTHON, str(EXAMPLES / "asgi_uvicorn.py")],
-                      {"PORT": str(port), "HOST": HOST, "WORKERS": str(workers)}),
+        "pycluster": ([PYTHON, "-m", "pycluster", "run", "fastapi_app:app", "--workers",
+                       str(workers), "--bind", f"{HOST}:{port}"], {}),
         "uvicorn": ([PYTHON, "-m", "uvicorn", "--workers", str(workers), "--no-access-log",
                      "--log-level", "warning", "--host", HOST, "--port", str(port),
-                     "--app-dir", str(EXAMPLES), "asgi_uvicorn:app"], {}),
+                     "--app-dir", str(EXAMPLES), "fastapi_app:app"], {}),
     }
 
 

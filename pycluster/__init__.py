@@ -33,6 +33,7 @@ from ._worker import Worker
 
 if TYPE_CHECKING:
     from ._master import Master
+    from ._serve import serve
     from ._settings import Settings
     from ._sockets import Address
     from ._timers import Timer
@@ -62,6 +63,7 @@ __all__ = [
     "is_master",
     "is_primary",
     "is_worker",
+    "serve",
     "worker",
 ]
 
@@ -77,7 +79,7 @@ is_master: bool = is_primary
 is_worker: bool = not is_primary
 
 _LAZY = {"Master": "._master", "Settings": "._settings", "Address": "._sockets",
-         "Timer": "._timers"}
+         "Timer": "._timers", "serve": "._serve"}
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from . import __version__
 from ._activation import listen_fds
@@ -24,19 +24,24 @@ from ._errors import PyclusterError
 from ._operate import add_commands, operate
 from ._plugins import load_plugin, plugin_name
 from ._pluginspec import parse_plugin_spec
-from ._settings import TARGET
+from ._runopts import UsageError as _UsageError
+from ._runopts import add_app_options, app_settings, apply_config, default_bind, watch_plugin
 
 __all__ = ["default_name", "default_workers", "main"]
 
 
 
-class _UsageError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse would print and sys.exit(2) itself
         raise _UsageError(message)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if args is not None and "argv" not in vars(parsed):
+            parsed.argv = list(args)  # which flags were given (--config must not override them)
+        return parsed, rest
 
 
 def default_workers(environ: dict[str, str] | None = None) -> int:
@@ -90,25 +95,30 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run APP in N workers",
         description=(
-            "Run APP in N worker processes. APP is a script path (each worker runs it) or "
-            "'module:function' (each worker calls it). Workers call "
-            "pycluster.worker.listen() with no arguments to listen on the --bind address. "
-            "Respawn, rolling reload on SIGHUP, logging and the reaping of orphans are on, "
-            "and systemd notification when NOTIFY_SOCKET is set. Arguments after '--' go "
+            "Run APP in N worker processes. APP is 'module:app', an ASGI app (served by "
+            "uvicorn) or a WSGI app (served by waitress); 'module:function', which each "
+            "worker calls; or a script path, which each worker runs. A function or script "
+            "calls pycluster.worker.listen() with no arguments to listen on the --bind "
+            "address. Respawn, rolling reload on SIGHUP, logging, the control socket and "
+            "the reaping of orphans are on, and systemd notification when NOTIFY_SOCKET is "
+            "set. Arguments after '--' go "
             "to the workers (sys.argv[1:])."
         ),
     )
-    run.add_argument("app", metavar="APP", help="script.py or module:function")
+    run.add_argument("app", metavar="APP",
+                     help="module:app (an ASGI or WSGI app), module:function, or script.py")
     run.add_argument("-w", "--workers", type=int, metavar="N",
                      help="worker processes (default: $WEB_CONCURRENCY, else the usable CPUs)")
     run.add_argument("-b", "--bind", action="append", metavar="ADDRESS", default=[],
                      help="HOST:PORT, unix:PATH or fd://N (an inherited listening socket) "
                           "workers listen on (repeatable; default: the sockets systemd "
-                          "passes, else 127.0.0.1:8000)")
+                          "passes, else 0.0.0.0:$PORT when PORT is set, else 127.0.0.1:8000)")
     run.add_argument("--no-respawn", action="store_true",
                      help="do not replace workers that die unexpectedly")
-    run.add_argument("--kill-timeout", type=float, default=30.0, metavar="S",
-                     help="seconds a stopping worker gets before SIGKILL (default 30)")
+    run.add_argument("--graceful-timeout", "--kill-timeout", dest="graceful_timeout",
+                     type=float, default=30.0, metavar="S",
+                     help="seconds a stopping worker gets to finish its requests before "
+                          "SIGKILL (default 30)")
     run.add_argument("--log-format", choices=("text", "json"), default=None,
                      help="every log line as text or as JSON (default text); json also "
                           "captures worker output as JSON lines")
@@ -147,8 +157,23 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: from APP); 'pycluster status --name NAME' finds it")
     run.add_argument("--pid-file", metavar="PATH",
                      help="write the master's pid to PATH (removed at exit)")
+    run.add_argument("--reload", action="store_true",
+                     help="development: a rolling reload whenever a *.py file in APP's "
+                          "directory changes (needs watchfiles)")
+    run.add_argument("--config", metavar="FILE",
+                     help="read options from a TOML file (keys are the long option names, "
+                          "such as workers = 4 or graceful-timeout = 10); flags win")
+    add_app_options(run)
     add_commands(commands)
     return parser
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    """The ``run`` sub-parser (argparse lists a parser's actions only privately)."""
+    for action in _parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return cast(argparse.ArgumentParser, action.choices["run"])
+    raise AssertionError("no run sub-command")  # noqa: EM101 - cannot happen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(options: argparse.Namespace) -> int:
     from ._master import Master
 
+    if options.config:
+        apply_config(options, options.config, _run_parser())
     plugins = _plugin_options(options.plugin)
     control_options = plugins.pop("control", {})  # always on: --plugin only configures it
     if options.pid_file is not None:
@@ -200,35 +227,27 @@ def _run(options: argparse.Namespace) -> int:
         msg = "--no-respawn and --plugin respawn contradict each other; give one of them"
         raise _UsageError(msg)
     settings: dict[str, Any] = {
-        "kill_timeout": options.kill_timeout,
+        "kill_timeout": options.graceful_timeout,
         "scheduling": options.scheduling,
         "silent": options.capture_output or log_format == "json",
         "start_method": options.start_method,
     }
     settings["bind"], activation_warning = _bind_addresses(options.bind)
-    settings["args"] = options.args
-    app = options.app
-    if os.path.isfile(app) or app.endswith(".py"):
-        if options.start_method == "forkserver":
-            msg = (f"--start-method forkserver needs APP as 'module:function', not the script "
-                   f"{app!r}: a script runs its whole program at import, so the fork server "
-                   "has nothing it could preload safely")
-            raise _UsageError(msg)
-        settings["exec"] = app
-    elif TARGET.match(app):
-        settings["target"] = app
-    else:
-        msg = f"APP {app!r} is neither a script path nor 'module:function'"
+    if options.start_method == "forkserver" and (
+        os.path.isfile(options.app) or options.app.endswith(".py")
+    ):
+        msg = (f"--start-method forkserver needs APP as 'module:function', not the script "
+               f"{options.app!r}: a script runs its whole program at import, so the fork "
+               "server has nothing it could preload safely")
         raise _UsageError(msg)
+    settings.update(app_settings(options))
     workers = options.workers if options.workers is not None else default_workers()
     if workers < 1:
         msg = f"--workers {workers} must be at least 1"
         raise _UsageError(msg)
-    if options.kill_timeout < 0 or not math.isfinite(options.kill_timeout):
-        msg = f"--kill-timeout {options.kill_timeout} must be a number of seconds >= 0"
-        raise _UsageError(msg)
     _check_guards(options)
-    settings["name"] = options.name or default_name(app)
+    watch = watch_plugin(options) if options.reload else None
+    settings["name"] = options.name or default_name(options.app)
     master = Master(**settings)
     plugins["logging"] = {"root": True, **plugins.get("logging", {}), "format": log_format}
     if options.timeout:
@@ -248,6 +267,8 @@ def _run(options: argparse.Namespace) -> int:
     # every plugin is made (its options checked) before any is installed
     made = [load_plugin(name, plugins.get(name, {})) for name in names]
     control = load_plugin("control", control_options)
+    if watch is not None:
+        made.append(watch)
     for plugin in made:
         try:  # metrics binds its address here, before any worker forks
             master.use(plugin)
@@ -274,7 +295,7 @@ def _run(options: argparse.Namespace) -> int:
         print(f"pycluster: stopped: {master.stop_reason}", file=sys.stderr)
     elif not listened and not stopped:
         print("pycluster: warning: every worker exited without listening; does "
-              f"{app!r} call pycluster.worker.listen()?", file=sys.stderr)
+              f"{options.app!r} call pycluster.worker.listen()?", file=sys.stderr)
     return code
 
 
@@ -308,12 +329,12 @@ def _plugin_options(specs: list[str]) -> dict[str, dict[str, Any]]:
 
 def _bind_addresses(binds: list[str]) -> tuple[list[str], str | None]:
     """The ``--bind`` addresses, after the sockets systemd passed (``LISTEN_FDS``) unless
-    an ``fd://N`` is given explicitly, or ``127.0.0.1:8000`` when there are none; and a
-    warning about inherited sockets meant for another process, if any."""
+    an ``fd://N`` is given explicitly, or the default (:func:`_default_bind`) when there are
+    none; and a warning about inherited sockets meant for another process, if any."""
     inherited, warning = listen_fds()
     if any(b.startswith("fd://") for b in binds):
         inherited = []
-    return (inherited + binds) or ["127.0.0.1:8000"], warning
+    return (inherited + binds) or [default_bind()], warning
 
 
 def default_name(app: str) -> str:

@@ -35,7 +35,8 @@ def pycluster_run(tmp_path, app: str, *extra: str) -> tuple[int, list[str], list
     ("def main(:\n    pass\n", "SyntaxError"),
     ("raise RuntimeError('no database')\n", "RuntimeError: no database"),
     ("import pyc_no_such_dependency\n", "No module named 'pyc_no_such_dependency'"),
-    ("main = 42\n", "target 'app:main' is a int, not a function to call"),
+    # module:attr may also be an ASGI or WSGI app (issue 9): the line names all three
+    ("main = 42\n", "APP 'app:main' is int 42: not an ASGI app, a WSGI app nor a function"),
 ])
 def test_an_app_that_cannot_load_is_a_boot_failure(tmp_path, source, shown):
     """A syntax error, an exception at import, a missing dependency or a target that is

@@ -73,15 +73,10 @@ def _drain(proc: Proc):
         yield line
 
 
-@pytest.mark.parametrize("name", ["asyncio_server.py", "http_server.py", "asgi_uvicorn.py",
-                                  "wsgi_waitress.py"])
+@pytest.mark.parametrize("name", ["asyncio_server.py", "http_server.py"])
 def test_servers_serve_reload_and_stop(name):
     """Each server example answers from both workers, replaces both on SIGHUP (a rolling
     reload with new worker ids), still answers, and stops with exit code 0 on SIGTERM."""
-    if name == "asgi_uvicorn.py":
-        pytest.importorskip("uvicorn")
-    if name == "wsgi_waitress.py":
-        pytest.importorskip("waitress")
     with start(name) as proc:
         port = port_of(proc)
         for _ in range(2):
