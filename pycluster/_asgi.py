@@ -55,16 +55,24 @@ class _Gate:
         self.asgi2 = asgi2
         self.state: dict[str, Any] = {}
         self.draining = False
+        worker = pycluster.worker
+        #: Counts each HTTP request served (``--max-requests``, ``pycluster status``).
+        self.count: Any = worker.count_request if worker is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.state and scope["type"] != "lifespan":
             scope["state"] = self.state.copy()
-        if self.draining and scope["type"] == "http":
+        http = scope["type"] == "http"
+        if self.draining and http:
             send = _closing(send)
-        if self.asgi2:
-            await self.app(scope)(receive, send)
-        else:
-            await self.app(scope, receive, send)
+        try:
+            if self.asgi2:
+                await self.app(scope)(receive, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            if http and self.count is not None:
+                self.count()
 
 
 def _closing(send: Send) -> Send:

@@ -69,6 +69,33 @@ def _with_access_log(app: Callable[..., Any]) -> Callable[..., Any]:
     return logged
 
 
+def _counted(app: Callable[..., Any], count: Callable[[], None]) -> Callable[..., Any]:
+    """*app*, counting each request it answers (``--max-requests``, ``pycluster status``)."""
+
+    def counted(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        try:
+            return app(environ, start_response)
+        finally:
+            count()
+
+    return counted
+
+
+def _beat_in_maintenance(server: Any, beat: Callable[[], None]) -> None:
+    """Send the watchdog's heartbeats from waitress's own loop: it calls each server's
+    ``maintenance()`` every ``cleanup_interval`` (1 s) while the loop turns, and stops
+    when the loop hangs, which is what the watchdog must notice."""
+    for each in {id(x): x for x in [server, *getattr(server, "_map", {}).values()]
+                 if hasattr(x, "maintenance")}.values():
+        original = each.maintenance
+
+        def maintenance(now: float, original: Callable[[float], None] = original) -> None:
+            beat()
+            original(now)
+
+        each.maintenance = maintenance
+
+
 def _mounted(app: Callable[..., Any], root_path: str) -> Callable[..., Any]:
     """The app behind a proxy that strips *root_path*: it goes into ``SCRIPT_NAME``."""
     prefix = root_path.rstrip("/")
@@ -115,7 +142,7 @@ def serve(app: Any, options: ServeOptions) -> int:
         extra["connection_limit"] = options.limit_concurrency
     sock = worker.listen()
     server = create_server(
-        app,
+        _counted(app, worker.count_request),
         sockets=[sock],
         threads=options.threads,
         channel_timeout=options.keep_alive,
@@ -123,6 +150,7 @@ def serve(app: Any, options: ServeOptions) -> int:
         **extra,
     )
     server.channel_class = _Channel
+    _beat_in_maintenance(server, worker.heartbeat)
     done = threading.Event()
     worker.on("disconnect", lambda: _drain(server, options, done))
     server.run()
