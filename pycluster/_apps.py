@@ -268,3 +268,13 @@ def boot() -> Any:
     except AppError as exc:
         print(f"pycluster: error: {exc}", file=sys.stderr, flush=True)
         return BOOT_FAILURE
+
+
+def preload() -> None:
+    """Import APP's module without serving it: what the fork server's template runs
+    before it forks workers (``start_method="forkserver"``), so they share it."""
+    spec = sys.argv[2]
+    importlib.import_module(spec.partition(":")[0])
+
+
+boot.preload = preload  # type: ignore[attr-defined]

@@ -59,6 +59,8 @@ def main(argv: list[str]) -> Any:
         _child.process_title(f"pycluster template [{name}]")
     target, failure = _load(spec)
     if failure is None:
+        failure = _preload(target)
+    if failure is None:
         failure = _threads_alive("while importing the app")
     if failure is None:
         _warn_sockets(spec, ctl.fileno())
@@ -90,6 +92,21 @@ def _load(spec: str) -> tuple[Any, str | None]:
         kind = type(target).__name__
         return None, f"pycluster: target {spec!r} is a {kind}, not a function to call"
     return target, None
+
+
+def _preload(target: Any) -> str | None:
+    """Run the target's ``preload()`` if it has one (``pycluster run module:app``'s entry
+    imports the app's module there), so the app is imported once, here; return the text a
+    failing worker prints if it raises."""
+    preload = getattr(target, "preload", None)
+    if preload is None:
+        return None
+    try:
+        preload()
+    except BaseException:  # noqa: BLE001 - a syntax error, an exception, sys.exit() at import
+        return (f"{traceback.format_exc()}"
+                "pycluster: cannot load APP (the traceback above says why)")
+    return None
 
 
 def _threads_alive(when: str) -> str | None:

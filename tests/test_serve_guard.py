@@ -42,3 +42,32 @@ def test_served_requests_are_counted_for_max_requests(tmp_path, source):
     finally:
         err = stderr_of(proc)
     assert "watchdog" not in err.lower() or "hung" not in err, err
+
+
+PRELOADED = """
+    import os
+    LOADED_IN = os.getpid()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = f"{LOADED_IN} {os.getpid()}".encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+"""
+
+
+@pytest.mark.slow
+def test_an_app_is_imported_once_in_the_fork_servers_template(tmp_path):
+    """`pycluster run main:app --start-method forkserver`: the app's module is imported in
+    the template, before the fork (the pid it recorded at import is not the serving
+    worker's), and the forked worker serves it."""
+    proc = start(tmp_path, PRELOADED, "--start-method", "forkserver")
+    try:
+        port = port_of(proc)
+        loaded_in, serving_in = http_get(port).rsplit(b"\r\n\r\n", 1)[1].split()
+        assert loaded_in != serving_in
+        assert stop(proc) == 0
+    finally:
+        stderr_of(proc)
