@@ -25,408 +25,34 @@ leaves its gauges out of that scrape and counts in ``pycluster_metrics_missed_an
 
 from __future__ import annotations
 
-import atexit
 import errno
 import logging
 import math
 import os
 import socket
-import sys
-import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pycluster import ChannelClosedError, RequestError, SettingsError, WorkerState
 
+from .metrics_http import Http
+from .metrics_merge import Family, merge, parse_address, render, resolve, retire
+from .metrics_worker import CHANNEL, snapshot, worker_side
+
 if TYPE_CHECKING:
     import asyncio
 
-    from pycluster import Master, ThisWorker, Worker, WorkerChannel
+    from pycluster import Master, Worker
 
 __all__ = ["Family", "Metrics", "merge", "parse_address", "render", "resolve", "retire",
            "snapshot", "worker_side"]
 
 log = logging.getLogger("pycluster.metrics")
 
-#: The plugin channel the master asks workers on.
-CHANNEL = "metrics"
-#: Types whose samples are summed across workers and kept after a worker exits.
-SUMMED = frozenset({"counter", "histogram", "summary"})
-#: Gauge modes (prometheus_client's ``multiprocess_mode`` names), by what they mean here.
-MODES = {"all": "all", "liveall": "all", "sum": "sum", "livesum": "sum", "max": "max",
-         "livemax": "max", "min": "min", "livemin": "min", "mostrecent": "mostrecent",
-         "livemostrecent": "mostrecent"}
 #: Events of other plugins that the cluster's own series count (any arguments).
 RECYCLE_EVENTS = ("recycle", "recycled")
 WATCHDOG_EVENTS = ("watchdog_kill",)
 
-TEXT = "text/plain; version=0.0.4; charset=utf-8"
-OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-_TEXT_TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram",
-               "summary": "summary", "info": "gauge", "stateset": "gauge",
-               "gaugehistogram": "histogram", "unknown": "untyped"}
-_MAX_HEAD = 16 * 1024
-
-
-# -- the worker's side ----------------------------------------------------------------
-
-#: What this worker answered last: its number and each family's keys (so the next
-#: answer can leave out keys the master already has).
-_sent: dict[str, Any] = {"n": 0, "keys": {}}
-_sent_lock = threading.Lock()
-_broken: set[int] = set()  # ids of collectors whose failure was logged
-
-
-def worker_side(worker: ThisWorker) -> None:
-    """The worker-side half (``master.worker_setup`` runs it in every worker): answer the
-    master's ``metrics`` requests with :func:`snapshot`, and hand over the final values
-    when the process exits normally."""
-    channel = worker.channel(CHANNEL)
-    channel.handle(_answer)
-    channel.send({"hello": 1})  # the master asks only workers that said it: they can answer
-    atexit.register(_last_words, channel)
-
-
-def _answer(data: Any) -> dict[str, Any]:
-    have = data.get("have") if isinstance(data, dict) else None
-    return snapshot(have if isinstance(have, int) else None)
-
-
-def _last_words(channel: WorkerChannel) -> None:
-    if "prometheus_client" not in sys.modules:
-        return
-    try:
-        channel.request({"final": snapshot()}, timeout=1.0)
-    except Exception:  # the master is gone or busy: the values of the last scrape stand
-        pass
-
-
-def snapshot(have: int | None = None) -> dict[str, Any]:
-    """This process's prometheus_client default registry, as the master merges it.
-
-    ``{"n": N, "families": [[name, type, help, mode, keys, values], …]}``: *keys* are
-    the series as exposition text writes them (``name_total{k="v"}``), *values* their
-    values (a value that is not finite is its text, ``"+Inf"``). When *have* is the
-    number of this worker's previous answer, a family whose keys have not changed since
-    has ``None`` for *keys*. No families if the app never imported prometheus_client;
-    ``_created`` samples are left out (they do not merge).
-    """
-    registry = getattr(sys.modules.get("prometheus_client"), "REGISTRY", None)
-    families: list[list[Any]] = []
-    if registry is not None:  # None too while the app's thread is still importing it
-        collectors = getattr(registry, "_collector_to_names", None)
-        if isinstance(collectors, dict):
-            with getattr(registry, "_lock", threading.Lock()):
-                found = list(collectors)
-            for collector in found:
-                family = _fast_family(collector)
-                if family is not None:
-                    families.append(family)
-                    continue
-                try:
-                    families.extend(_families(collector.collect()))
-                except Exception:  # one broken collector must not cost the others
-                    if id(collector) not in _broken:  # said once per collector
-                        _broken.add(id(collector))
-                        log.exception("collector %r failed; its metrics are left out",
-                                      collector)
-        else:  # another prometheus_client: its public collect()
-            families.extend(_families(registry.collect()))
-    with _sent_lock:
-        reuse = have is not None and have == _sent["n"]
-        before: dict[str, list[str]] = _sent["keys"]
-        sent: dict[str, list[str]] = {}
-        for family in families:
-            keys = sent[family[0]] = family[4]
-            if reuse and before.get(family[0]) == keys:
-                family[4] = None
-            values = family[5]
-            if not all(map(math.isfinite, values)):
-                family[5] = [v if math.isfinite(v) else _number(v) for v in values]
-        number = _sent["n"] = _sent["n"] + 1
-        _sent["keys"] = sent
-    return {"n": number, "families": families}
-
-
-def _families(metrics: Any) -> list[list[Any]]:
-    """Families from prometheus_client ``Metric`` objects (the general path)."""
-    out: list[list[Any]] = []
-    for metric in metrics:
-        summed = metric.type in SUMMED
-        keys: list[str] = []
-        values: list[float] = []
-        for sample in metric.samples:
-            if summed and sample.name.endswith("_created"):
-                continue
-            keys.append(sample.name + _label_text(sample.labels))
-            values.append(float(sample.value))
-        out.append([metric.name, metric.type, metric.documentation, "", keys, values])
-    return out
-
-
-def _fast_family(metric: Any) -> list[Any] | None:
-    """The family of a prometheus_client Counter, Gauge or Histogram, read from its
-    children directly with each child's keys made once; ``None`` for anything else
-    (then its public ``collect()`` is used)."""
-    kind = getattr(metric, "_type", None)
-    if kind not in ("counter", "gauge", "histogram") or not hasattr(metric, "_labelnames"):
-        return None
-    try:
-        name: str = metric._name
-        labelnames = tuple(metric._labelnames)
-        if labelnames:
-            with metric._lock:
-                children = list(metric._metrics.items())
-        else:
-            children = [((), metric)]
-        cache: dict[tuple[str, ...], list[str]] = metric.__dict__.setdefault(
-            "_pycluster_keys", {})
-        keys: list[str] = []
-        values: list[float] = []
-        for labelvalues, child in children:
-            known = cache.get(labelvalues)
-            if known is None:
-                known = cache[labelvalues] = _child_keys(kind, name, labelnames, labelvalues,
-                                                         child)
-            keys.extend(known)
-            if kind == "histogram":
-                total = 0.0
-                for bucket in child._buckets:
-                    total += bucket.get()
-                    values.append(total)
-                values.append(total)
-                if len(known) > len(child._buckets) + 1:
-                    values.append(child._sum.get())
-            elif "_child_samples" in child.__dict__:  # a Gauge with set_function()
-                values.append(float(next(iter(child._child_samples())).value))
-            else:
-                values.append(child._value.get())
-        mode = getattr(metric, "_multiprocess_mode", "") if kind == "gauge" else ""
-        documentation = metric._documentation
-    except (AttributeError, TypeError, ValueError, StopIteration):
-        return None
-    return [name, kind, documentation, mode, keys, values]
-
-
-def _child_keys(kind: str, name: str, labelnames: tuple[str, ...],
-                labelvalues: tuple[str, ...], child: Any) -> list[str]:
-    labels = dict(zip(labelnames, labelvalues, strict=False))
-    if kind == "counter":
-        return [name + "_total" + _label_text(labels)]
-    if kind == "gauge":
-        return [name + _label_text(labels)]
-    keys = [name + "_bucket" + _label_text({**labels, "le": _number(bound)})
-            for bound in child._upper_bounds]
-    text = _label_text(labels)
-    keys.append(name + "_count" + text)
-    if child._upper_bounds[0] >= 0:
-        keys.append(name + "_sum" + text)
-    return keys
-
-
-def _label_text(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _escape(value: str) -> str:
-    if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return value
-
-
-def _number(value: float) -> str:
-    """A number as both formats write it (Go's style for large ``le`` bounds)."""
-    if value != value:
-        return "NaN"
-    if value == math.inf:
-        return "+Inf"
-    if value == -math.inf:
-        return "-Inf"
-    text = repr(float(value))
-    dot = text.find(".")
-    if value > 0 and dot > 6 and "e" not in text:  # 1e+07, as Go and prometheus_client write it
-        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
-        return f"{mantissa}e+{dot - 1:02d}"
-    return text
-
-
-# -- merging --------------------------------------------------------------------------
-
-
-class Family:
-    """One merged metric family: its type, help, gauge mode and samples in order."""
-
-    __slots__ = ("help", "kind", "mode", "samples")
-
-    def __init__(self, kind: str, help: str, mode: str = "") -> None:  # noqa: A002
-        self.kind = kind
-        self.help = help
-        self.mode = MODES.get(mode, "all")
-        #: series (``name{labels}``) → value, in the order first seen.
-        self.samples: dict[str, float] = {}
-
-
-def resolve(previous: list[list[Any]] | None, answer: Any) -> list[list[Any]]:
-    """A worker's families with every key filled in: keys it left out (``None``) are
-    those of the same family in *previous*, its last answer the master kept; values that
-    came as text are numbers again.
-
-    Raises:
-        ValueError: the answer is malformed, or leaves out keys the master does not have.
-    """
-    if not isinstance(answer, dict) or not isinstance(answer.get("families"), list):
-        msg = f"not a metrics answer: {str(answer)[:80]!r}"
-        raise TypeError(msg)
-    known = {f[0]: f[4] for f in previous or ()}
-    out: list[list[Any]] = []
-    for name, kind, help_text, mode, keys, values in answer["families"]:
-        if keys is None:
-            keys = known.get(name)
-        if not isinstance(keys, list) or not isinstance(values, list) or (
-                len(keys) != len(values)):
-            msg = f"family {name!r}: its keys and values do not match"
-            raise ValueError(msg)
-        if str in map(type, values):
-            values = [float(v) if isinstance(v, str) else v for v in values]
-        out.append([name, kind, help_text, mode or "", keys, values])
-    return out
-
-
-def merge(retired: dict[str, Family], answers: list[tuple[int, list[list[Any]]]],
-          conflict: Callable[[str, str, str, int], None]) -> dict[str, Family]:
-    """Merge workers' families (``(worker id, families)`` from :func:`resolve`, oldest
-    worker first) over the totals of exited workers; *conflict(name, kind, other_kind,
-    worker_id)* is told of a family whose type differs from the first one seen (that
-    worker's family is left out)."""
-    by_name: dict[str, list[tuple[int, list[Any]]]] = {}
-    for worker_id, families in answers:
-        for entry in families:
-            by_name.setdefault(entry[0], []).append((worker_id, entry))
-    merged: dict[str, Family] = {}
-    for name, kept in retired.items():
-        merged[name] = Family(kept.kind, kept.help)
-    for name, entries in by_name.items():
-        first = entries[0][1]
-        kind = merged[name].kind if name in merged else first[1]
-        same: list[tuple[int, list[Any]]] = []
-        for worker_id, entry in entries:
-            if entry[1] != kind:
-                conflict(name, kind, entry[1], worker_id)
-            else:
-                same.append((worker_id, entry))
-        if not same:
-            continue
-        family = merged.get(name)
-        if family is None:
-            family = merged[name] = Family(kind, same[0][1][2], same[0][1][3])
-        how = "sum" if kind in SUMMED else family.mode
-        family.samples = _combine(how, same)
-    for name, kept in retired.items():
-        samples = merged[name].samples
-        for key, value in kept.samples.items():
-            samples[key] = samples.get(key, 0.0) + value
-    return merged
-
-
-_FOLD: dict[str, Callable[[Any], float]] = {"sum": math.fsum, "max": max, "min": min}
-
-
-def _combine(how: str, entries: list[tuple[int, list[Any]]]) -> dict[str, float]:
-    """One family's samples across workers, by *how*: ``all`` (each worker's own, with a
-    ``worker`` label), ``sum``, ``max``, ``min`` or ``mostrecent`` (the newest worker's)."""
-    if how == "all":
-        samples: dict[str, float] = {}
-        for worker_id, family in entries:
-            label = f'worker="{worker_id}"'
-            for key, value in zip(family[4], family[5], strict=False):
-                samples[_with_label(key, label)] = value
-        return samples
-    if how == "mostrecent":
-        samples = {}
-        for _, family in entries:
-            samples.update(zip(family[4], family[5], strict=False))
-        return samples
-    fold = _FOLD.get(how, math.fsum)
-    keys = entries[0][1][4]
-    if all(f[4] is keys or f[4] == keys for _, f in entries):  # the usual case: C loops
-        columns = zip(*(f[5] for _, f in entries), strict=False)
-        return dict(zip(keys, map(fold, columns), strict=False))
-    gathered: dict[str, list[float]] = {}
-    for _, family in entries:
-        for key, value in zip(family[4], family[5], strict=False):
-            gathered.setdefault(key, []).append(value)
-    return {key: fold(values) for key, values in gathered.items()}
-
-
-def _with_label(key: str, label: str) -> str:
-    """*key* (``name`` or ``name{…}``) with *label* added, unless it has a ``worker``."""
-    brace = key.find("{")
-    if brace < 0:
-        return f"{key}{{{label}}}"
-    if '{worker="' in key or ',worker="' in key:
-        return key
-    return f"{key[:-1]},{label}}}"
-
-
-def retire(retired: dict[str, Family], families: list[list[Any]]) -> None:
-    """Add the counters, histograms and summaries of an exited worker's last *families*
-    to *retired*, the totals kept for workers that are gone."""
-    for name, kind, help_text, _mode, keys, values in families:
-        if kind not in SUMMED:
-            continue
-        family = retired.get(name)
-        if family is None:
-            family = retired[name] = Family(kind, help_text)
-        elif family.kind != kind:
-            continue
-        samples = family.samples
-        for key, value in zip(keys, values, strict=False):
-            samples[key] = samples.get(key, 0.0) + value
-
-
-def render(families: dict[str, Family], openmetrics: bool) -> str:
-    """The exposition text of *families*: OpenMetrics 1.0, or Prometheus text 0.0.4."""
-    out: list[str] = []
-    for name, family in families.items():
-        kind = family.kind
-        if openmetrics:
-            doc = family.help.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-            out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
-        else:
-            shown = name + "_total" if kind == "counter" else (
-                name + "_info" if kind == "info" else name)
-            doc = family.help.replace("\\", "\\\\").replace("\n", "\\n")
-            out.append(f"# HELP {shown} {doc}\n# TYPE {shown} {_TEXT_TYPES.get(kind, 'untyped')}\n")
-        for key, value in family.samples.items():
-            if math.isfinite(value):
-                out.append(f"{key} {value!r}\n")
-            else:
-                out.append(f"{key} {_number(value)}\n")
-    if openmetrics:
-        out.append("# EOF\n")
-    return "".join(out)
-
-
-def parse_address(address: Any) -> tuple[str, int]:
-    """``"HOST:PORT"``, ``"[IPv6]:PORT"`` or ``":PORT"`` (all interfaces) → ``(host, port)``.
-
-    Raises:
-        SettingsError: anything else, with what was given.
-    """
-    text = address if isinstance(address, str) else ""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not port.isdigit() or int(port) > 65535 or ("[" in host or "]" in host):
-        msg = f"--metrics {address!r}: expected HOST:PORT, e.g. 127.0.0.1:9100 or :9100"
-        raise SettingsError(msg)
-    if ":" in host and not text.startswith("["):
-        msg = f"--metrics {address!r}: put an IPv6 address in brackets, e.g. [::1]:9100"
-        raise SettingsError(msg)
-    return host or "0.0.0.0", int(port)
 
 
 # -- the master's side ------------------------------------------------------------------
@@ -466,7 +92,7 @@ class Metrics:
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._task: asyncio.Task[None] | None = None  # held: a task nobody holds is collected
-        self._connections: set[_Http] = set()
+        self._connections: set[Http] = set()
         self._started = time.monotonic()
         #: live worker id → (number of its last answer, its families)
         self._last: dict[int, tuple[int, list[list[Any]]]] = {}
@@ -494,7 +120,7 @@ class Metrics:
         """
         self._sock = self._bind()
         self._master = master
-        master.worker_setup("pycluster.plugins.metrics:worker_side")
+        master.worker_setup("pycluster.plugins.metrics_worker:worker_side")
         master.channel(CHANNEL).handle(self._on_final)
         master.channel(CHANNEL).on("message", self._on_hello)
         master.on("setup", self._on_setup)
@@ -546,7 +172,7 @@ class Metrics:
             return
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: cast("asyncio.BaseProtocol", _Http(self)), sock=sock)
+            lambda: cast("asyncio.BaseProtocol", Http(self)), sock=sock)
         try:
             await loop.create_future()  # until the loop ends (asyncio.run cancels this)
         finally:
@@ -770,118 +396,3 @@ class Metrics:
                "was made (the master's start).")["pycluster_master_uptime_seconds"] = (
             time.monotonic() - self._started)
         return families
-
-
-class _Http:
-    """A tiny HTTP/1.1 server connection: GET or HEAD of ``/metrics``, ``/healthz``,
-    ``/readyz``; keep-alive; one request at a time."""
-
-    def __init__(self, plugin: Metrics) -> None:
-        self._plugin = plugin
-        self._transport: asyncio.Transport | None = None
-        self._buffer = b""
-        self._busy = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        self._plugin._connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._plugin._connections.discard(self)
-        self._transport = None
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > 16 * _MAX_HEAD and self._transport is not None:
-            self._transport.close()  # a client that sends without reading the answers
-            return
-        if not self._busy:
-            self._next()
-
-    def _next(self) -> None:
-        head, found, rest = self._buffer.partition(b"\r\n\r\n")
-        if not found:
-            if len(self._buffer) > _MAX_HEAD:
-                self._answer(431, "text/plain", b"request head too large\n", False, False)
-            return
-        self._buffer = rest
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            self._answer(400, "text/plain", b"bad request\n", False, False)
-            return
-        method, target, version = parts
-        headers = {}
-        for line in lines[1:]:
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
-        connection = headers.get("connection", "").lower()
-        keep = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-        if headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers:
-            self._answer(400, "text/plain", b"no request bodies here\n", False, False)
-            return
-        if method not in ("GET", "HEAD"):
-            self._answer(405, "text/plain", b"GET or HEAD only\n", keep, False, "Allow: GET, HEAD")
-            return
-        head_only = method == "HEAD"
-        path = target.split("?", 1)[0]
-        if path == "/metrics":
-            openmetrics = "application/openmetrics-text" in headers.get("accept", "")
-            self._busy = True
-            import asyncio
-
-            task = asyncio.ensure_future(self._plugin.scrape(openmetrics))
-            task.add_done_callback(lambda t: self._scraped(t, openmetrics, keep, head_only))
-        elif path == "/healthz":
-            self._answer(200, "text/plain", b"ok\n", keep, head_only)
-        elif path == "/readyz":
-            ready, why = self._plugin.ready()
-            self._answer(200 if ready else 503, "text/plain", why.encode() + b"\n", keep,
-                         head_only)
-        else:
-            self._answer(404, "text/plain", b"not found: try /metrics, /healthz, /readyz\n",
-                         keep, head_only)
-
-    def _scraped(self, task: asyncio.Future[str], openmetrics: bool, keep: bool,
-                 head_only: bool) -> None:
-        self._busy = False
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("a scrape failed: %r", error)
-            self._answer(500, "text/plain", f"scrape failed: {error!r}\n".encode(), keep,
-                         head_only)
-            return
-        self._answer(200, OPENMETRICS if openmetrics else TEXT, task.result().encode(),
-                     keep, head_only)
-
-    def _answer(self, status: int, ctype: str, body: bytes, keep: bool, head_only: bool,
-                extra: str = "") -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large", 500: "Internal Server Error",
-                  503: "Service Unavailable"}[status]
-        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n{extra + chr(13) + chr(10) if extra else ''}"
-                f"{'' if keep else 'Connection: close' + chr(13) + chr(10)}\r\n")
-        transport.write(head.encode() + (b"" if head_only else body))
-        if not keep:
-            transport.close()
-        elif self._buffer and not self._busy:
-            self._next()

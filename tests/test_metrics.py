@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import DEADLINE, Proc, http_get, script, wait_until
-from pycluster.plugins import metrics
+from pycluster.plugins import metrics, metrics_worker
 from pycluster.plugins.metrics import Family, merge, parse_address, render, resolve, retire
 
 from pycluster import SettingsError, cli
@@ -203,15 +203,15 @@ def test_worker_snapshot_reads_metrics_as_collect_would_and_leaves_out_known_key
     histogram = pc.Histogram("t_h", "H", ["x"], buckets=(0.5, 1e7), registry=None)
     histogram.labels("a").observe(3)
     for metric in (counter, plain, gauge, function, histogram):
-        fast = metrics._fast_family(metric)
-        slow = metrics._families(metric.collect())[0]
+        fast = metrics_worker._fast_family(metric)
+        slow = metrics_worker._families(metric.collect())[0]
         assert fast is not None and fast[:3] == slow[:3] and fast[4:] == slow[4:]
-    assert metrics._fast_family(gauge)[3] == "max"
-    first = metrics.snapshot()
-    second = metrics.snapshot(first["n"])
+    assert metrics_worker._fast_family(gauge)[3] == "max"
+    first = metrics_worker.snapshot()
+    second = metrics_worker.snapshot(first["n"])
     assert second["n"] == first["n"] + 1
     assert all(family[4] is None for family in second["families"])
-    assert metrics.snapshot(first["n"])["families"][0][4] is not None  # not the last one
+    assert metrics_worker.snapshot(first["n"])["families"][0][4] is not None  # not the last one
 
 
 def test_render_text_and_openmetrics():
