@@ -207,9 +207,12 @@ def test_a_draining_worker_is_left_to_kill_timeout(tmp_path):
     master = make(tmp_path, body).use("watchdog", timeout=0.25)
     kills = Kills(master)
     worker = master.fork()
+    said: list[str] = []
+    worker.on("message", said.append)
 
     async def scenario(r: Running):
-        await r.until(lambda: worker.last_heartbeat, "the worker beating")
+        # after its "running" (sent once it beats): a disconnect before would make send() fail
+        await r.until(lambda: worker.last_heartbeat and said, "the worker beating and running")
         worker.disconnect()
 
     assert drive(master, scenario) == 0
