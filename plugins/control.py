@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from pycluster import PyclusterError, SettingsError, StateError
 
+from ._proc import cpu_seconds as _cpu_seconds
 from .control_client import (
     _CREDS,
     MAX_LINE,
     ControlError,
-    _cpu_seconds,
     _is_pycluster_master,
     _unlink_if_same,
     call,

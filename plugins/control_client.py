@@ -249,30 +249,6 @@ def _unlink_if_same(path: str, inode: int) -> None:
         pass
 
 
-# -- /proc, for the status table ----------------------------------------------------------
-
-_HZ = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
-        fields = text[text.rfind(b")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _HZ
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _is_pycluster_master(pid: int) -> bool:
     """Whether *pid* is alive and looks like a pycluster master (its title or argv)."""
     try:

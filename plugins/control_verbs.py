@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from pycluster import SettingsError, StateError, __version__
 
-from .control_client import MAX_SCALE, _rss_bytes
+from ._proc import rss_bytes as _rss_bytes
+from .control_client import MAX_SCALE
 
 if TYPE_CHECKING:
     from pycluster import Master

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import random
 import time
 from typing import Any
@@ -16,20 +15,11 @@ from pycluster import Master, SettingsError, Worker
 
 from .guard_hooks import RECYCLE as CHANNEL
 
-__all__ = ["Recycle", "rss_bytes"]
+__all__ = ["Recycle"]
+
+from ._proc import rss_bytes
 
 log = logging.getLogger("pycluster.recycle")
-
-
-def rss_bytes(pid: int | None) -> int | None:
-    """Resident set size of process *pid* in bytes (Linux ``/proc``), ``None`` if gone."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _check(key: str, value: Any, kind: type, what: str) -> None:
