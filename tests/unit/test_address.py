@@ -121,3 +121,26 @@ def test_an_address_that_is_not_a_str_is_a_settings_error_naming_it(value):
                        match=rf"bind address {re.escape(repr(value))} must be a string like "
                              r"'127\.0\.0\.1:8000' or 'unix:/run/app\.sock'"):
         parse_address(value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1", "::", "fe80::1"])
+def test_a_numeric_host_is_not_resolved(host, monkeypatch):
+    """A numeric host is used as it is, without getaddrinfo() (whose first call costs a
+    forked worker milliseconds on its way to listening)."""
+    from pycluster import _listen
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("getaddrinfo() was called")
+
+    monkeypatch.setattr(_listen.socket, "getaddrinfo", refuse)
+    assert _listen.numeric_host(host, 80, host) == host
+
+
+@pytest.mark.parametrize(("host", "expected"), [("localhost", {"127.0.0.1", "::1"}),
+                                               ("127.1", {"127.0.0.1"})])
+def test_other_hosts_are_resolved_to_a_numeric_address(host, expected):
+    """A name, or an IPv4 short form that inet_pton refuses, still goes through
+    getaddrinfo() and comes back numeric."""
+    from pycluster._listen import numeric_host
+
+    assert numeric_host(host, 80, host) in expected
