@@ -10,7 +10,9 @@ garbage frame is rejected at once instead of being read into memory.
 
 from __future__ import annotations
 
+import array
 import json
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -239,3 +241,21 @@ class FrameDecoder:
         elif pos:
             del self._buf[:pos]
         return frames
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds that ``SCM_RIGHTS`` ancillary data (from ``recvmsg()``) carries."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def recv_fds(sock: socket.socket, size: int, maxfds: int, flags: int = 0
+             ) -> tuple[bytes, list[int]]:
+    """One message and the fds it carries (close-on-exec). Unlike
+    ``socket.recv_fds()`` before Python 3.12, it passes *flags* on (``MSG_DONTWAIT``)."""
+    ancsize = socket.CMSG_SPACE(maxfds * array.array("i").itemsize)
+    data, ancdata, _, _ = sock.recvmsg(size, ancsize, flags | socket.MSG_CMSG_CLOEXEC)
+    return data, received_fds(ancdata)

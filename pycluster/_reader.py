@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._emitter import Emitter
-from ._protocol import READ_SIZE, FrameDecoder
+from ._protocol import READ_SIZE, FrameDecoder, received_fds
 
 __all__ = ["EARLY_LIMIT", "Dispatcher", "exit_now", "read_frames"]
 
@@ -135,11 +135,7 @@ def read_frames(
             continue
         except OSError:
             data, ancdata = b"", []
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
-                fds.extend(got)
+        fds.extend(received_fds(ancdata))
         if not data:
             return
         for kind, payload in decoder.feed(data):

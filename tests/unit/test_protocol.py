@@ -247,3 +247,30 @@ def test_pickle_is_opt_in_refused_on_json_channels_and_documented_as_trusting_wo
     line = next(line for line in readme.splitlines() if "`serialization`" in line)
     for words in ("pickle", "run code in the master", "trust"):
         assert words in line, line
+
+
+def test_recv_fds_passes_its_flags_on_and_returns_the_fds():
+    """recv_fds() with MSG_DONTWAIT raises BlockingIOError on an empty socket instead of
+    blocking (socket.recv_fds() before 3.12 drops its flags), and returns the message
+    with the fds it carried, close-on-exec."""
+    import socket
+
+    from pycluster._protocol import recv_fds
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(BlockingIOError):
+            recv_fds(b, 100, 1, socket.MSG_DONTWAIT)
+        socket.send_fds(a, [b"hello"], [r])
+        data, fds = recv_fds(b, 100, 1, socket.MSG_DONTWAIT)
+        assert data == b"hello" and len(fds) == 1
+        assert not os.get_inheritable(fds[0])
+        os.write(w, b"x")
+        assert os.read(fds[0], 1) == b"x"
+        os.close(fds[0])
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
