@@ -11,18 +11,23 @@ with ``PYCLUSTER_TEMPLATE_FD`` (its end of a ``SOCK_SEQPACKET`` control socket),
 3. tells the master ``{"ready": true}``, or ``{"failed": TEXT}`` when step 1 or 2 went
    wrong (it still forks then: each worker prints TEXT and exits with
    :data:`pycluster.BOOT_FAILURE`, exactly as a spawned worker whose import fails);
-4. answers each fork request (the worker's environment as JSON; its IPC socket and, for
-   ``silent=True``, its stdout and stderr pipes as ``SCM_RIGHTS`` fds) with the new
-   worker's pid. The worker is forked twice so that it becomes the master's child
-   (the master is a ``PR_SET_CHILD_SUBREAPER``): the master reaps it and watches it
-   with a pidfd as it does a spawned one.
+4. keeps a spare worker ready (:mod:`pycluster._spare`): forked ahead, adopted by the
+   master, which sends a new worker's environment and fds straight to it, so a new
+   worker costs no fork; and answers a fork request that comes while no spare is ready
+   (the worker's environment as JSON; its IPC socket and, for ``silent=True``, its
+   stdout and stderr pipes as ``SCM_RIGHTS`` fds) by forking one with the new worker's
+   pid. Workers are forked twice so that they become the master's children (the master
+   is a ``PR_SET_CHILD_SUBREAPER``): the master reaps them and watches them with a pidfd
+   as it does spawned ones.
 
-The template never starts a thread, an event loop or a socket of its own; it exits when
-the master closes the control socket (a reload retires it) or dies.
+The template never starts a thread, an event loop or a socket of its own (its spares
+rehearse a worker's start: see :func:`pycluster._spare.rehearse`); it exits when the
+master closes the control socket (a reload retires it) or dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -36,7 +41,9 @@ from typing import Any
 import pycluster
 from pycluster import _child
 from pycluster._errors import BOOT_FAILURE
+from pycluster._protocol import recv_fds
 from pycluster._reader import exit_now
+from pycluster._spare import Spare, double_fork, fork_adopted, rehearse, take_env
 
 #: Largest fork request (the worker's environment as JSON).
 MAX_REQUEST = 4 * 1024 * 1024
@@ -154,27 +161,55 @@ def _flush() -> None:
 
 
 def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[int]]:
-    """Answer fork requests until the master goes away (then exit); return in a worker.
+    """Answer the master until it goes away (then exit); return in a worker.
 
-    A *failed* template forks too (even with a thread alive): its workers only connect,
-    print why and exit with BOOT_FAILURE.
+    Keeps one spare worker ready at the master (see :mod:`pycluster._spare`): forks it,
+    offers it once adopted (``{"spare": pid}`` and its socket), and forks the next one when
+    the master says it used it (``{"used": pid}``). A fork request (``{"env": ...}`` and
+    the worker's fds: the master had no spare) forks a worker directly.
+
+    A *failed* template forks too (even with a thread alive), with no spares: its
+    workers only connect, print why and exit with BOOT_FAILURE.
     """
+    adopting: Spare | None = None  # a spare being adopted
+    offered = False  # a spare waits at the master
+    spares = not failed
     while True:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_REQUEST, 8)
-        except OSError:
-            data, fds = b"", []
+        if spares and adopting is None and not offered and _threads_alive("") is None:
+            try:
+                adopting, assigned = _fork_spare(ctl)
+            except OSError:
+                spares = False  # fork fails: fork only when asked
+            else:
+                if assigned is not None:  # this process is the spare, and has its request
+                    return assigned
+        waiting: list[Any] = [ctl] if adopting is None else [ctl, adopting.adoption]
+        readable, _, _ = select.select(waiting, [], [])
+        if adopting is not None and adopting.adoption in readable:
+            try:
+                adopting.offer(ctl)
+                offered = True
+            except OSError:
+                spares = False
+            adopting = None
+        if ctl not in readable:
+            continue
+        data, fds = _receive(ctl)
         if not data:
-            for fd in fds:
-                os.close(fd)
+            if adopting is not None:  # the master must hear of it, to reap it
+                with contextlib.suppress(OSError):
+                    adopting.offer(ctl)
             exit_now(0)  # retired, or the master died
         try:
             request = json.loads(data)
+            if isinstance(request, dict) and "used" in request and not fds:
+                offered = False
+                continue
             why = _refusal(request, fds, failed=failed)
             if why is None:
                 gc.freeze()
                 _flush()
-                pid = _double_fork()
+                pid = double_fork()
         except Exception as exc:  # noqa: BLE001 - told to the master, which raises it
             why = str(exc)
         if why is not None:
@@ -183,10 +218,56 @@ def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[in
             ctl.send(json.dumps({"error": why}).encode())
             continue
         if pid == 0:
+            if adopting is not None:
+                adopting.close()  # the copies this worker inherited
             return request, fds
         for fd in fds:
             os.close(fd)
         ctl.send(json.dumps({"pid": pid}).encode())
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One request and its fds; ``b""`` (and no fds) once the other end is gone."""
+    try:
+        data, fds = recv_fds(sock, MAX_REQUEST, 8)
+    except OSError:
+        return b"", []
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return b"", []
+    return data, fds
+
+
+def _fork_spare(ctl: socket.socket
+                ) -> tuple[Spare | None, tuple[dict[str, Any], list[int]] | None]:
+    """Start forking a spare. Here, return it; in the spare, once its request came,
+    return that (the spare exits instead if the master lets it go first).
+
+    Raises:
+        OSError: fork failed.
+    """
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        gc.freeze()
+        _flush()
+        adoption = fork_adopted()
+    except BaseException:
+        mine.close()
+        theirs.close()
+        raise
+    if adoption is not None:
+        theirs.close()
+        return Spare(adoption, mine), None
+    mine.close()
+    ctl.close()
+    _child.arm_parent_death_signal()
+    rehearse()
+    data, fds = _receive(theirs)
+    theirs.close()
+    if not data:
+        exit_now(0)
+    return None, (json.loads(data), fds)
 
 
 def _refusal(request: Any, fds: list[int], *, failed: bool) -> str | None:
@@ -195,62 +276,6 @@ def _refusal(request: Any, fds: list[int], *, failed: bool) -> str | None:
         fds) not in (1, 3):
         return f"bad fork request ({len(fds)} fds)"
     return None if failed else _threads_alive("after importing the app")
-
-
-def _double_fork() -> int:
-    """Fork a grandchild that the master adopts; return its pid here, 0 in it.
-
-    The middle process exits at once, so the worker is reparented to the nearest
-    subreaper: the master. The worker waits for that (the middle's pidfd turns readable
-    only once its children have been handed over), so its parent is the master when it
-    arms ``PR_SET_PDEATHSIG`` and checks its parent's pid.
-    """
-    report_r, report_w = os.pipe()
-    try:
-        middle = os.fork()
-    except BaseException:
-        os.close(report_r)
-        os.close(report_w)
-        raise
-    if middle == 0:
-        code = 1
-        try:
-            os.close(report_r)
-            me = os.getpid()
-            pid = os.fork()
-            if pid == 0:
-                os.close(report_w)
-                _until_gone(me)
-                return 0
-            os.write(report_w, b"%d" % pid)
-            code = 0
-        except BaseException:  # noqa: BLE001, S110 - the template sees no pid: an error
-            pass
-        os._exit(code)
-    os.close(report_w)
-    try:
-        chunks = []
-        while chunk := os.read(report_r, 32):
-            chunks.append(chunk)
-        os.waitpid(middle, 0)
-    finally:
-        os.close(report_r)
-    if not chunks:
-        msg = "the fork server could not fork a worker (fork failed in its middle process)"
-        raise OSError(msg)
-    return int(b"".join(chunks))
-
-
-def _until_gone(pid: int) -> None:
-    """Wait until process *pid* (this one's parent, the middle one) has exited."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return  # exited and reaped already
-    try:
-        select.select([fd], [], [])
-    finally:
-        os.close(fd)
 
 
 def _become_worker(request: dict[str, Any], fds: list[int], target: Any,
@@ -263,8 +288,7 @@ def _become_worker(request: dict[str, Any], fds: list[int], target: Any,
         for fd, std in zip(outputs, (1, 2), strict=True):
             os.dup2(fd, std)
             os.close(fd)
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+    take_env({str(k): str(v) for k, v in request["env"].items()})
     os.environ["PYCLUSTER_IPC_FD"] = str(ipc)
     _child.template_env.clear()
     worker = _child.setup()

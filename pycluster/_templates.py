@@ -14,10 +14,11 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._emitter import logger
 from ._forked import ForkServerError
+from ._protocol import recv_fds
 from ._spawn import ENV_PREFIX, main_command, popen_options
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ class Template:
         finally:
             theirs.close()
         self._ctl = mine
+        #: Its spares (workers forked ahead: the master's children, see _spare.py) by pid,
+        #: each with a pidfd and the socket it reads its request from.
+        self._offered: dict[int, tuple[int, socket.socket]] = {}
         self.pid: int = self.process.pid
         self.pidfd: int | None
         try:
@@ -157,26 +161,83 @@ class Template:
         if not self.usable:
             raise ForkServerError(self.reason or f"the fork server's template is {self.status}")
         request = json.dumps({"env": env}).encode()
+        pid = self._to_spare(request, fds)
+        if pid is not None:
+            return pid
         try:
             socket.send_fds(self._ctl, [request], fds)
-            data = self._ctl.recv(_REPLY_LIMIT)
+            reply = self._next()
         except OSError as exc:
             msg = f"the fork server's template (pid {self.pid}) is gone: {exc}"
             raise ForkServerError(msg) from None
-        if not data:
+        if reply is None:
             msg = f"the fork server's template (pid {self.pid}) died"
             raise ForkServerError(msg)
-        reply = json.loads(data)
         if "pid" not in reply:
             raise ForkServerError(str(reply.get("error")))
         return int(reply["pid"])
+
+    def _to_spare(self, request: bytes, fds: list[int]) -> int | None:
+        """Give *request* to a spare the template offered, if there is one that takes
+        it; return its pid (and ask the template for the next spare)."""
+        with contextlib.suppress(OSError):
+            self._next(block=False)  # the offers that came meanwhile
+        while self._offered:
+            pid, (pidfd, sock) = self._offered.popitem()
+            with contextlib.suppress(OSError):
+                self._ctl.send(b'{"used": %d}' % pid, socket.MSG_DONTWAIT)
+            try:
+                socket.send_fds(sock, [request], fds)
+            except OSError:  # it died, or the request is too big for one packet
+                _let_go(pidfd, sock)
+                continue
+            sock.close()
+            os.close(pidfd)  # a worker now: a ForkedProcess watches it
+            return pid
+        return None
+
+    def _next(self, *, block: bool = True) -> dict[str, Any] | None:
+        """The template's next answer, taking the spares it offers on the way; ``None``
+        at EOF (or, not blocking, when nothing more is there)."""
+        while True:
+            try:
+                data, fds = recv_fds(self._ctl, _REPLY_LIMIT, 1,
+                                     0 if block else socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return None
+            reply = json.loads(data)
+            if "spare" not in reply or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                return dict(reply)
+            sock = socket.socket(fileno=fds[0])
+            pid = int(reply["spare"])
+            try:
+                self._offered[pid] = (os.pidfd_open(pid), sock)
+            except OSError:  # gone already (and reaped): nothing to keep
+                sock.close()
+
+    def _let_spares_go(self) -> None:
+        """Kill and reap the spares it offered (it is retiring, or has exited)."""
+        with contextlib.suppress(OSError):
+            while self._next(block=False) is not None:
+                pass
+        for pidfd, sock in self._offered.values():
+            _let_go(pidfd, sock)
+        self._offered.clear()
 
     def retire(self) -> None:
         """Close its control socket: it exits (the master reaps it when it has)."""
         self._stop_reading()
         if self.status not in ("dead", "retired"):
             self.status = "retired"
-        self._ctl.close()
+        self._let_spares_go()
+        with contextlib.suppress(OSError):  # its EOF; the master still reads what it said
+            self._ctl.shutdown(socket.SHUT_WR)
 
     def reaped(self) -> bool:
         """Whether it has exited (it is reaped then)."""
@@ -190,6 +251,7 @@ class Template:
                 loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
+        self._let_spares_go()
         self._ctl.close()
 
     def kill_and_wait(self, timeout: float) -> None:
@@ -198,3 +260,12 @@ class Template:
             self.process.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=timeout)
+
+
+def _let_go(pidfd: int, sock: socket.socket) -> None:
+    """Kill and reap a spare that will not be used (it is the master's child)."""
+    sock.close()
+    with contextlib.suppress(OSError):  # reaped already (the reaper plugin)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    os.close(pidfd)

@@ -148,7 +148,7 @@ def test_a_template_that_dies_is_replaced(tmp_path):
 
     def on_listening(worker, address):
         if worker.id == 1:
-            pids = [p for p in children(os.getpid()) if p != worker.pid and alive(p)]
+            pids = master._forkserver.pids()  # noqa: SLF001 - which child is the template
             templates.extend(pids)
             os.kill(pids[0], signal.SIGKILL)
             wait_until(lambda: not alive(pids[0]), "the template's death")
@@ -162,6 +162,42 @@ def test_a_template_that_dies_is_replaced(tmp_path):
     assert run(master) == 0
     assert len(templates) == 1
     assert len(imports(log)) == 2
+
+
+def test_a_worker_comes_from_the_spare_and_a_dead_spare_is_skipped(tmp_path):
+    """The template forks a spare worker ahead and the master adopts it: the next fork()
+    is that very process. A spare killed while it waits is not used (the fork after it
+    still gets a worker, forked directly) and is reaped at once: no zombie stays behind."""
+    master = master_for(tmp_path)
+    spares: list[int] = []
+    listening: list[pycluster.Worker] = []
+
+    def spare() -> int:
+        known = {w.pid for w in master.workers.values()} | set(master._forkserver.pids())  # noqa: SLF001
+        found = [p for p in children(os.getpid()) if p not in known and alive(p)]
+        return found[0] if found else 0
+
+    def on_listening(worker, address):
+        listening.append(worker)
+        assert http_get(address.port).startswith(b"HTTP/1.0 200")
+        if len(listening) == 1:
+            wait_until(spare, "the template's spare")
+            spares.append(spare())
+            assert master.fork().pid == spares[0]  # the spare became worker 2
+        elif len(listening) == 2:
+            wait_until(spare, "the next spare")
+            spares.append(spare())
+            os.kill(spares[1], signal.SIGKILL)
+            wait_until(lambda: not alive(spares[1]), "the spare's death")
+            assert master.fork().pid != spares[1]
+            assert state(spares[1]) is None  # reaped at once, not left a zombie
+        else:
+            master.stop()
+
+    master.on("listening", on_listening)
+    master.fork()
+    assert run(master) == 0
+    assert len(listening) == 3
 
 
 def _fork_when_replaced(master, log):
@@ -346,7 +382,8 @@ def test_a_socket_opened_at_import_is_warned_about(tmp_path):
 
 
 def test_forked_workers_and_the_template_die_with_a_sigkilled_master(tmp_path):
-    """SIGKILL a master running forked workers: the workers and the template exit too."""
+    """SIGKILL a master running forked workers: the workers, the template and its spare
+    worker (forked ahead, adopted by the master) exit too."""
     app(tmp_path)
     master = script(tmp_path, """
         import os, pycluster
@@ -357,7 +394,7 @@ def test_forked_workers_and_the_template_die_with_a_sigkilled_master(tmp_path):
         def listening(worker, address):
             seen.append(worker.pid)
             if len(seen) == 2:
-                print("pids", *children(os.getpid()), flush=True)
+                print("pids", *seen, *children(os.getpid()), flush=True)
         master.on("listening", listening)
         master.fork()
         master.fork()
@@ -367,7 +404,8 @@ def test_forked_workers_and_the_template_die_with_a_sigkilled_master(tmp_path):
     with Proc([master], cwd=tmp_path, env=env, start_new_session=True) as proc:
         pids = [int(p) for p in proc.expect(lambda line: line.startswith("pids"),
                                             "the pids line").split()[1:]]
-        assert len(pids) == 3  # two workers and the template
+        workers, others = pids[:2], set(pids[2:]) - set(pids[:2])
+        assert set(workers) <= set(pids[2:]) and len(others) >= 1  # the template (+ spare)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         wait_until(lambda: not any(alive(p) for p in pids),
