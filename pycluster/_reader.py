@@ -135,7 +135,8 @@ def read_frames(
             continue
         except OSError:
             data, ancdata = b"", []
-        fds.extend(received_fds(ancdata))
+        if ancdata:
+            fds.extend(received_fds(ancdata))
         if not data:
             return
         for kind, payload in decoder.feed(data):
