@@ -59,8 +59,10 @@ class ForkServer:
         on_reload: Callable[[], None],
         on_reload_failed: Callable[[str], None],
     ) -> None:
-        if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"):
-            msg = "start_method='forkserver' needs Linux (PR_SET_CHILD_SUBREAPER, pidfd_open)"
+        if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open") or not hasattr(
+                os, "P_PIDFD"):
+            msg = ("start_method='forkserver' needs Linux (PR_SET_CHILD_SUBREAPER, pidfd_open, "
+                   "waitid(P_PIDFD))")
             raise ForkServerError(msg)
         self._settings = settings
         self._on_reload = on_reload

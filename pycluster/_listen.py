@@ -75,19 +75,18 @@ def listen_request(
 def numeric_host(host: str, port: int, where: str) -> str:
     """Resolve *host* to the numeric address to bind.
 
-    A numeric address is returned as it is: the first ``getaddrinfo()`` of a process
-    costs milliseconds (it imports the IDNA codec), which a forked worker would pay on
-    its way to listening.
+    A numeric address is only rewritten the canonical way (``0:0::1`` as ``::1``), not
+    resolved: the first ``getaddrinfo()`` of a process costs milliseconds (it imports the
+    IDNA codec), which a forked worker would pay on its way to listening.
 
     Raises:
         OSError: the name does not resolve; the message names the address.
     """
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
-            socket.inet_pton(family, host)
+            return socket.inet_ntop(family, socket.inet_pton(family, host))  # canonical
         except (OSError, ValueError):
             continue
-        return host
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

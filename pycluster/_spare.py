@@ -80,8 +80,9 @@ def fork_adopted() -> Adoption | None:
             me = os.getpid()
             pid = os.fork()
             if pid == 0:
+                middle_fd = _pidfd(me)  # before the template can read EOF and reap it
                 os.close(report_w)
-                _until_gone(me)
+                _until_gone(middle_fd)
                 return None
             os.write(report_w, b"%d" % pid)
             code = 0
@@ -102,16 +103,22 @@ def double_fork() -> int:
     return 0 if adoption is None else adoption.finish()
 
 
-def _until_gone(pid: int) -> None:
-    """Wait until process *pid* (this one's parent, the middle one) has exited."""
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of *pid*, or ``None`` if it has exited and been reaped already."""
     try:
-        fd = os.pidfd_open(pid)
+        return os.pidfd_open(pid)
     except ProcessLookupError:
-        return  # exited and reaped already
+        return None
+
+
+def _until_gone(pidfd: int | None) -> None:
+    """Wait until the process of *pidfd* (this one's parent, the middle one) has exited."""
+    if pidfd is None:
+        return
     try:
-        select.select([fd], [], [])
+        select.select([pidfd], [], [])
     finally:
-        os.close(fd)
+        os.close(pidfd)
 
 
 class Spare:
@@ -124,15 +131,19 @@ class Spare:
 
     def offer(self, ctl: socket.socket) -> None:
         """Finish its adoption and send the master ``{"spare": pid}`` with the socket the
-        spare reads its request from; let go of it here.
+        spare reads its request from and a pidfd of it; let go of it here.
 
         Raises:
             OSError: the middle process could not fork, or the master is gone.
         """
         try:
             pid = self.adoption.finish()
-            notice = json.dumps({"spare": pid}).encode()
-            socket.send_fds(ctl, [notice], [self.sock.fileno()])
+            pidfd = os.pidfd_open(pid)  # here, while it cannot have been reaped: no pid reuse
+            try:
+                notice = json.dumps({"spare": pid}).encode()
+                socket.send_fds(ctl, [notice], [self.sock.fileno(), pidfd])
+            finally:
+                os.close(pidfd)
         finally:
             self.close()
 
@@ -159,10 +170,10 @@ def rehearse() -> None:
     writes are copied now, while it waits, and not after its request came: each
     copy-on-write fault costs microseconds. The worker would write those pages anyway,
     so the memory it shares with the template is the same."""
-    thread = threading.Thread(target=int, name="pycluster-rehearsal")
-    thread.start()
-    thread.join()
-    asyncio: Any = sys.modules.get("asyncio")
-    if asyncio is not None:
-        with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # a rehearsal that fails costs only time
+        thread = threading.Thread(target=int, name="pycluster-rehearsal")
+        thread.start()
+        thread.join()
+        asyncio: Any = sys.modules.get("asyncio")
+        if asyncio is not None:
             asyncio.new_event_loop().close()

@@ -259,15 +259,19 @@ def _fork_spare(ctl: socket.socket
     if adoption is not None:
         theirs.close()
         return Spare(adoption, mine), None
-    mine.close()
-    ctl.close()
-    _child.arm_parent_death_signal()
-    rehearse()
-    data, fds = _receive(theirs)
-    theirs.close()
-    if not data:
-        exit_now(0)
-    return None, (json.loads(data), fds)
+    try:  # the spare: it must never run on into the template's loop
+        mine.close()
+        ctl.close()
+        _child.arm_parent_death_signal()
+        rehearse()
+        data, fds = _receive(theirs)
+        theirs.close()
+        if not data:
+            exit_now(0)
+        return None, (json.loads(data), fds)
+    except BaseException:  # noqa: BLE001 - nothing to report to: end here
+        exit_now(1)
+        raise
 
 
 def _refusal(request: Any, fds: list[int], *, failed: bool) -> str | None:

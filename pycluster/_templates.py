@@ -7,6 +7,7 @@ that imports the app once and forks workers on request over its control socket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import select
@@ -184,24 +185,32 @@ class Template:
             self._next(block=False)  # the offers that came meanwhile
         while self._offered:
             pid, (pidfd, sock) = self._offered.popitem()
-            with contextlib.suppress(OSError):
-                self._ctl.send(b'{"used": %d}' % pid, socket.MSG_DONTWAIT)
             try:
                 socket.send_fds(sock, [request], fds)
-            except OSError:  # it died, or the request is too big for one packet
-                _let_go(pidfd, sock)
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:  # too big for a packet: no spare takes it
+                    self._offered[pid] = (pidfd, sock)
+                    return None
+                _let_go(pidfd, sock)  # it died
+                self._used(pid)
                 continue
             sock.close()
             os.close(pidfd)  # a worker now: a ForkedProcess watches it
+            self._used(pid)
             return pid
         return None
+
+    def _used(self, pid: int) -> None:
+        """Tell the template its spare *pid* is gone (used or dead): it forks the next."""
+        with contextlib.suppress(OSError):
+            self._ctl.send(b'{"used": %d}' % pid, socket.MSG_DONTWAIT)
 
     def _next(self, *, block: bool = True) -> dict[str, Any] | None:
         """The template's next answer, taking the spares it offers on the way; ``None``
         at EOF (or, not blocking, when nothing more is there)."""
         while True:
             try:
-                data, fds = recv_fds(self._ctl, _REPLY_LIMIT, 1,
+                data, fds = recv_fds(self._ctl, _REPLY_LIMIT, 2,
                                      0 if block else socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return None
@@ -210,16 +219,17 @@ class Template:
                     os.close(fd)
                 return None
             reply = json.loads(data)
-            if "spare" not in reply or len(fds) != 1:
+            if "spare" not in reply:
                 for fd in fds:
                     os.close(fd)
                 return dict(reply)
-            sock = socket.socket(fileno=fds[0])
             pid = int(reply["spare"])
-            try:
-                self._offered[pid] = (os.pidfd_open(pid), sock)
-            except OSError:  # gone already (and reaped): nothing to keep
-                sock.close()
+            if len(fds) == 2:  # its socket and a pidfd
+                self._offered[pid] = (fds[1], socket.socket(fileno=fds[0]))
+            else:  # the fds did not come through (out of fds?): let it be
+                for fd in fds:
+                    os.close(fd)
+                self._used(pid)
 
     def _let_spares_go(self) -> None:
         """Kill and reap the spares it offered (it is retiring, or has exited)."""

@@ -344,6 +344,25 @@ def test_an_app_that_does_not_import_in_the_template_is_a_boot_failure(tmp_path)
     assert "failed to boot (exit code 3)" in err[-1]
 
 
+def test_a_template_that_cannot_import_the_app_forks_no_spare(tmp_path):
+    """A template whose import failed keeps no spare: when its worker has failed to boot
+    (exit code 3), the template is the master's only child."""
+    app(tmp_path, "raise RuntimeError('no database')\n")
+    master = master_for(tmp_path)
+    found: list[list[int]] = []
+
+    def exited(worker, code, signal):
+        templates = set(master._forkserver.pids())  # noqa: SLF001
+        found.append([p for p in children(os.getpid()) if p not in templates and alive(p)])
+        master.stop()
+
+    master.on("exit", exited)
+    worker = master.fork()
+    assert run(master) == 0
+    assert worker.process.returncode == pycluster.BOOT_FAILURE
+    assert found == [[]]
+
+
 def test_a_thread_started_at_import_is_an_error_that_names_it(tmp_path):
     """A module that starts a thread at import cannot be forked safely: every worker fails
     to boot with a message naming the thread, and the cluster stops with exit 1."""
@@ -394,7 +413,12 @@ def test_forked_workers_and_the_template_die_with_a_sigkilled_master(tmp_path):
         def listening(worker, address):
             seen.append(worker.pid)
             if len(seen) == 2:
-                print("pids", *seen, *children(os.getpid()), flush=True)
+                report()
+        def report():  # once the template's spare is adopted: 2 workers, template, spare
+            if len(children(os.getpid())) < 4:
+                master.call_later(0.01, report)
+                return
+            print("pids", *seen, *children(os.getpid()), flush=True)
         master.on("listening", listening)
         master.fork()
         master.fork()
@@ -405,7 +429,7 @@ def test_forked_workers_and_the_template_die_with_a_sigkilled_master(tmp_path):
         pids = [int(p) for p in proc.expect(lambda line: line.startswith("pids"),
                                             "the pids line").split()[1:]]
         workers, others = pids[:2], set(pids[2:]) - set(pids[:2])
-        assert set(workers) <= set(pids[2:]) and len(others) >= 1  # the template (+ spare)
+        assert set(workers) <= set(pids[2:]) and len(others) == 2  # the template, the spare
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         wait_until(lambda: not any(alive(p) for p in pids),

@@ -144,3 +144,13 @@ def test_other_hosts_are_resolved_to_a_numeric_address(host, expected):
     from pycluster._listen import numeric_host
 
     assert numeric_host(host, 80, host) in expected
+
+
+@pytest.mark.parametrize(("host", "canonical"), [("0:0::1", "::1"), ("0::0", "::"),
+                                                 ("FE80:0::1", "fe80::1")])
+def test_a_numeric_host_is_written_the_canonical_way(host, canonical):
+    """Two spellings of one IPv6 address give the same host, so the master finds the
+    socket it bound for the other spelling instead of binding the address twice."""
+    from pycluster._listen import numeric_host
+
+    assert numeric_host(host, 80, host) == canonical
