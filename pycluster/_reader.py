@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ._emitter import Emitter
@@ -38,30 +39,34 @@ class Dispatcher:
         self._early_lock = threading.Lock()
         self._flushing = False
 
-    def call(self, fn: Callable[[], object]) -> threading.Event | None:
-        """Run *fn* on the attached loop (returning an event set when it has run), or now."""
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run *fn* on the attached loop, or now."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
-            done = threading.Event()
-
-            def run() -> None:
-                try:
-                    fn()
-                finally:
-                    done.set()
-
             try:
-                loop.call_soon_threadsafe(run)
+                loop.call_soon_threadsafe(fn)
             except RuntimeError:  # closed in between
                 pass
             else:
-                return done
+                return
         fn()
-        return None
 
-    def emit(self, event: str, *args: Any) -> threading.Event | None:
+    def call_and_wait(self, fn: Callable[[], object], timeout: float) -> None:
+        """Run *fn* on the attached loop and wait up to *timeout* s for it, or run it now."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self.call(run)
+        done.wait(timeout)
+
+    def emit(self, event: str, *args: Any) -> None:
         """Emit *event* where handlers run (see :meth:`call`)."""
-        return self.call(lambda: self._emitter.emit(event, *args))
+        self.call(partial(self._emitter.emit, event, *args))
 
     def deliver(self, message: Any) -> None:
         """Emit ``message``, or keep it while no ``message`` listener was ever added."""

@@ -361,8 +361,6 @@ class ThisWorker(Vitals, Worker):
                 self.state = self.state.to(WorkerState.DISCONNECTED)
         self._pending.close()
         if was_connected and self.has_listeners("disconnect"):
-            done = self._inbox.emit("disconnect")
-            if done is not None:
-                done.wait(1.0)
+            self._inbox.call_and_wait(lambda: self.emit("disconnect"), 1.0)
         exit_now(0)
 
