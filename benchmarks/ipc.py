@@ -31,9 +31,10 @@ NODE_SCRIPT = SHARED_BENCH / "node_cluster_ipc.js"
 KEYS = ("roundtrips_per_s", "oneway_msgs_per_s", "fork_to_online_ms", "fork_to_listening_ms")
 
 
-def _run(cmd: list[str], n: int) -> dict[str, float]:
+def _run(cmd: list[str], n: int, extra: dict[str, str] | None = None) -> dict[str, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, env=_env(n), start_new_session=True)
+                            stdin=subprocess.DEVNULL, env={**_env(n), **(extra or {})},
+                            start_new_session=True)
     try:
         out, err = proc.communicate(timeout=120)
     finally:
@@ -57,9 +58,10 @@ def run_node(n: int) -> dict[str, float]:
     return _run(["node", "-r", str(HERE / "_loopback.js"), str(NODE_SCRIPT)], n)
 
 
-def run_pycluster(n: int) -> dict[str, float]:
-    """One run of pycluster's twin."""
-    return _run([PYTHON, str(HERE / "ipc_pycluster.py")], n)
+def run_pycluster(n: int, *, attach: bool = False) -> dict[str, float]:
+    """One run of pycluster's twin (with *attach*, its worker handles messages on an
+    attached asyncio loop)."""
+    return _run([PYTHON, str(HERE / "ipc_pycluster.py")], n, {"ATTACH": "1"} if attach else {})
 
 
 def measure(rounds: int, n: int) -> list[Row]:

@@ -13,7 +13,8 @@ master side grows from step to step:
    ``encode_message``), as any JSON channel must.
 
 Then the whole path, both sides (``ipc_pycluster.py``: worker events, ``send()``, the IPC
-thread), and Node's ``node_cluster_ipc.js``; each figure is the median of ROUNDS,
+thread; again with the worker's handlers on an attached asyncio loop, as in a served app),
+and Node's ``node_cluster_ipc.js``; each figure is the median of ROUNDS,
 interleaved, with its ratio to Node's round trips.
 
     python benchmarks/ipc_floor.py [--rounds 5] [--n 20000]
@@ -116,15 +117,17 @@ def measure(rounds: int, n: int) -> list[Row]:
     runs: dict[str, Callable[[], dict[str, float]]] = {
         step: (lambda step=step: _round(step, n)) for step in STEPS}
     runs["pycluster"] = lambda: {"rt": run_pycluster(n)["roundtrips_per_s"]}
+    runs["attached"] = lambda: {"rt": run_pycluster(n, attach=True)["roundtrips_per_s"]}
     runs["node"] = lambda: {"rt": run_node(n)["roundtrips_per_s"]}
     got = {name: values["rt"] for name, values in interleave(rounds, runs).items()}
     node = median(got["node"])
     say(f"  node: {[round(v) for v in got['node']]}")
     rows = []
-    for name in (*STEPS, "pycluster"):
+    labels = {"pycluster": "pycluster's whole path (both sides)",
+              "attached": "  the same, worker handlers on its loop"}
+    for name in (*STEPS, "pycluster", "attached"):
         say(f"  {name}: {[round(v) for v in got[name]]}")
-        label = ("pycluster's whole path (both sides)" if name == "pycluster"
-                 else f"master {name}, bare echo child")
+        label = labels.get(name, f"master {name}, bare echo child")
         row = Row(label, median(got[name]), node, ">= 2x Node", None, "/s",
                   "baseline: Node cluster, same run")
         row.met = (row.ratio or 0) >= 2.0

@@ -7,7 +7,8 @@ first to the last. Prints the same four ``name value`` lines as the Node script.
 
 Worker: ``import pycluster``, ``pycluster.worker.listen(0, "127.0.0.1")``, then blocks;
 its message handler (on the ``pycluster-ipc`` thread) answers pings and runs the blast.
-Env N sets the count (default 20000), as in the Node script.
+Env N sets the count (default 20000), as in the Node script. With ATTACH=1 the worker runs
+an asyncio loop and calls ``attach_loop()``: its handler runs on that loop, as in an app.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def primary() -> None:
 
 
 def child(me: Any) -> None:
-    """Answer pings and run the blast on the IPC thread; keep the main thread blocked."""
+    """Answer pings and run the blast on the IPC thread (keeping the main thread blocked),
+    or on an attached loop."""
 
     def on_message(m: Any) -> None:
         if m["t"] == "ping":
@@ -80,6 +82,15 @@ def child(me: Any) -> None:
                 send({"t": "b", "k": k})
 
     me.on("message", on_message)
+    if os.environ.get("ATTACH") == "1":  # handlers on the app's loop, as in a served app
+        import asyncio
+
+        async def serve() -> None:
+            me.attach_loop()
+            me.listen(0, "127.0.0.1")
+            await asyncio.Event().wait()
+
+        asyncio.run(serve())
     me.listen(0, "127.0.0.1")
     threading.Event().wait()
 
