@@ -178,8 +178,8 @@ def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[in
         if spares and adopting is None and not offered and _threads_alive("") is None:
             try:
                 adopting, assigned = _fork_spare(ctl)
-            except OSError:
-                spares = False  # fork fails: fork only when asked
+            except OSError as exc:
+                spares = _no_spares(exc)
             else:
                 if assigned is not None:  # this process is the spare, and has its request
                     return assigned
@@ -189,8 +189,8 @@ def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[in
             try:
                 adopting.offer(ctl)
                 offered = True
-            except OSError:
-                spares = False
+            except OSError as exc:
+                spares = _no_spares(exc)
             adopting = None
         if ctl not in readable:
             continue
@@ -224,6 +224,17 @@ def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[in
         for fd in fds:
             os.close(fd)
         ctl.send(json.dumps({"pid": pid}).encode())
+
+
+def _no_spares(exc: OSError) -> bool:
+    """Say (on stderr) that this template stops forking spares, unless the master is
+    gone (it exits then); return False."""
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+        return False
+    print(f"pycluster: warning: the fork server's template cannot fork a spare worker "
+          f"ahead ({exc}); it forks each worker when asked from now on", file=sys.stderr,
+          flush=True)
+    return False
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
