@@ -19,9 +19,10 @@ from typing import Any
 
 import attrs
 
-from ._errors import BOOT_FAILURE
+from ._errors import BOOT_FAILURE, ChannelClosedError, StateError
 
-__all__ = ["BOOT_FAILURE", "AppError", "ServeOptions", "boot", "detect", "load", "serve_app"]
+__all__ = ["BOOT_FAILURE", "AppError", "ServeOptions", "boot", "detect", "listen_or_leave", "load",
+           "serve_app"]
 
 INTERFACES = ("auto", "asgi", "wsgi", "main")
 HTTP_IMPLEMENTATIONS = ("auto", "h11", "httptools")
@@ -229,6 +230,18 @@ def serve_app(app: Any, options: ServeOptions, interface: str | None = None) -> 
         msg = f"serving a WSGI app needs waitress: pip install 'pycluster[wsgi]' ({exc})"
         raise AppError(msg) from None
     return _wsgi.serve(app, options)
+
+
+def listen_or_leave(worker: Any) -> Any:
+    """The worker's listening socket, or ``None`` if it was disconnected before it could
+    listen (the master stopped or replaced it while it started): the server then returns
+    0 without serving, rather than ending with a traceback."""
+    try:
+        return worker.listen()
+    except (StateError, ChannelClosedError):
+        if worker.is_connected():
+            raise
+        return None
 
 
 def _print_app_traceback(exc: BaseException) -> None:

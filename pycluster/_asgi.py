@@ -32,7 +32,7 @@ from uvicorn.importer import import_from_string
 
 import pycluster
 
-from ._apps import BOOT_FAILURE, ServeOptions
+from ._apps import BOOT_FAILURE, ServeOptions, listen_or_leave
 
 __all__ = ["serve"]
 
@@ -233,7 +233,10 @@ async def _main(server: uvicorn.Server, gate: _Gate, live: set[Any], servers: li
     if stopping.done():
         await lifespan.shutdown()
         return 0
-    sock = await loop.run_in_executor(None, worker.listen)
+    sock = await loop.run_in_executor(None, listen_or_leave, worker)
+    if sock is None:
+        await lifespan.shutdown()
+        return 0
     drain = asyncio.ensure_future(_drain(server, gate, live, servers, stopping, options))
     try:
         await server.serve(sockets=[sock])

@@ -29,7 +29,7 @@ from waitress.task import WSGITask
 
 import pycluster
 
-from ._apps import AppError, ServeOptions
+from ._apps import AppError, ServeOptions, listen_or_leave
 
 __all__ = ["serve"]
 
@@ -140,7 +140,9 @@ def serve(app: Any, options: ServeOptions) -> int:
         raise AppError(msg)
     if options.limit_concurrency:
         extra["connection_limit"] = options.limit_concurrency
-    sock = worker.listen()
+    sock = listen_or_leave(worker)
+    if sock is None:
+        return 0
     server = create_server(
         _counted(app, worker.count_request),
         sockets=[sock],
