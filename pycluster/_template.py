@@ -274,6 +274,9 @@ def _fork_spare(ctl: socket.socket
         mine.close()
         ctl.close()
         _child.arm_parent_death_signal()
+        name = _child.template_env.get("PYCLUSTER_NAME")
+        if name:
+            _child.process_title(f"pycluster spare [{name}]")
         rehearse()
         data, fds = _receive(theirs)
         theirs.close()
