@@ -41,6 +41,7 @@ from .control_client import (
     socket_path,
 )
 from .control_verbs import Verbs
+from .guard_hooks import STATUS
 
 if TYPE_CHECKING:  # the client side (pycluster status) does without asyncio and the master
     import asyncio
@@ -78,7 +79,10 @@ class ControlSocket(Verbs):
     reload plugin's ``reloaded`` or ``reload_failed`` reason), ``scale`` (``count`` or
     ``delta``), ``stop`` (``now``: immediate). ``status`` emits ``status_row(worker,
     row)`` on the master for each worker, so other plugins can add fields to its row
-    (``row["requests"] = n`` fills the requests column).
+    (``row["requests"] = n`` fills the requests column). The requests column comes from
+    the workers themselves: each answers with its ``count_request()`` count, which served
+    apps keep (a worker that counted none, or does not answer within half a second,
+    shows none).
 
     Args:
         name: the cluster's name (default: the master's ``name`` setting, else the main
@@ -161,6 +165,8 @@ class ControlSocket(Verbs):
             self.close()
             raise
         atexit.register(self.close)
+        self._status_channel = master.channel(STATUS)
+        master.worker_setup("pycluster.plugins.guard_hooks:status")  # answers "requests"
         master.on("setup", self._start)
         master.on("fork", self._on_fork)
         master.on("exit", self._on_exit)

@@ -15,11 +15,15 @@ from ._proc import rss_bytes as _rss_bytes
 from .control_client import MAX_SCALE
 
 if TYPE_CHECKING:
-    from pycluster import Master
+    from pycluster import Master, PluginChannel, Worker
 
-__all__ = ["Verbs"]
+__all__ = ["ASK_TIMEOUT", "Verbs"]
 
 log = logging.getLogger("pycluster.control")
+
+#: Seconds ``status`` waits for a worker to say how many requests it served (a hung
+#: worker's row shows none; the answer never waits longer).
+ASK_TIMEOUT = 0.5
 
 
 class Verbs:
@@ -33,6 +37,7 @@ class Verbs:
     _reloading: bool
     _restarts: dict[int, int]
     _last_exit: dict[int, dict[str, Any]]
+    _status_channel: PluginChannel
 
     if TYPE_CHECKING:  # the plugin's bookkeeping, kept by ControlSocket
 
@@ -55,7 +60,9 @@ class Verbs:
         assert master is not None
         now = time.monotonic()
         rows = []
-        for worker in sorted(master.workers.values(), key=lambda w: (w.slot, w.id)):
+        workers = sorted(master.workers.values(), key=lambda w: (w.slot, w.id))
+        served = await self._requests_served(workers)
+        for worker in workers:
             pid = worker.pid
             last = self._last_exit.get(worker.slot)
             row: dict[str, Any] = {
@@ -68,7 +75,7 @@ class Verbs:
                 "restarts": self._restarts.get(worker.slot, 0),
                 "cpu_percent": None if pid is None else self._cpu_percent(pid, worker.started_at),
                 "rss_bytes": None if pid is None else _rss_bytes(pid),
-                "requests": None,
+                "requests": served.get(worker.id),
                 "last_exit": None if last is None else {**last, "ago": round(now - last["at"], 3)},
             }
             master.emit("status_row", worker, row)
@@ -81,6 +88,22 @@ class Verbs:
             "rss_bytes": _rss_bytes(os.getpid()),
             "workers": rows,
         }
+
+    async def _requests_served(self, workers: list[Worker]) -> dict[int, int]:
+        """Ask each connected worker how many requests it served (at most
+        :data:`ASK_TIMEOUT` s); the workers that answered with a count."""
+        import asyncio
+
+        asking = [w for w in workers if w.is_connected()]
+        answers = await asyncio.gather(
+            *(self._status_channel.request(w, "requests", timeout=ASK_TIMEOUT)
+              for w in asking), return_exceptions=True)
+        served = {}
+        for worker, answer in zip(asking, answers, strict=True):
+            count = answer.get("requests") if isinstance(answer, dict) else None
+            if isinstance(count, int) and not isinstance(count, bool):
+                served[worker.id] = count
+        return served
 
     async def _reload(self, request: dict[str, Any], peer_pid: int) -> Any:
         import asyncio

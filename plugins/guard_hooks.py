@@ -1,4 +1,4 @@
-"""The worker-side halves of the ``watchdog`` and ``recycle`` plugins.
+"""The worker-side halves of the ``watchdog``, ``recycle`` and ``control`` plugins.
 
 Each plugin registers its function here with ``master.worker_setup()``, so every worker
 imports this module as it starts: it imports nothing beyond ``pycluster`` (no asyncio, no
@@ -15,13 +15,15 @@ from typing import Any
 
 import pycluster
 
-__all__ = ["RECYCLE", "WATCHDOG", "recycle", "watchdog"]
+__all__ = ["RECYCLE", "STATUS", "WATCHDOG", "recycle", "status", "watchdog"]
 
 #: The plugin channel on which the master tells each worker its heartbeat interval.
 WATCHDOG = "watchdog"
 #: The plugin channel: the master sends each worker its request limit; a worker that
 #: reaches it says so; the master may ask a worker how many requests it served.
 RECYCLE = "recycle"
+#: The plugin channel on which ``pycluster status`` asks each worker what it served.
+STATUS = "status"
 
 
 def watchdog(worker: pycluster.ThisWorker) -> None:
@@ -54,3 +56,9 @@ def recycle(worker: pycluster.ThisWorker) -> None:
     channel.handle(lambda data: {"requests": worker.requests})
     worker.on("max_requests", reached)
     channel.send({"hello": 1})
+
+
+def status(worker: pycluster.ThisWorker) -> None:
+    """Answer ``pycluster status``: the requests this worker served (``count_request()``
+    counts them; served apps do), or ``None`` while it has counted none."""
+    worker.channel(STATUS).handle(lambda data: {"requests": worker.requests or None})

@@ -35,6 +35,7 @@ APP = """
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            pycluster.worker.count_request()  # before the answer: counted once it is read
             self.wfile.write(body)
 
         def log_message(self, *args):
@@ -145,7 +146,9 @@ def raw(path: str, data: bytes, timeout: float = DEADLINE) -> list[dict[str, Any
 
 def test_status_table_and_json_describe_the_real_workers(tmp_path, capsys):
     """`pycluster status` prints a pm2-like table of the workers; `--json` one object whose
-    `workers` list names the very processes the master runs (id, pid, slot, state, ...)."""
+    `workers` list names the very processes the master runs (id, pid, slot, state, ...),
+    with the requests each served as the worker counted them (none for a worker that
+    counted none)."""
     proc = start(tmp_path, "st")
     try:
         port = port_of(proc)
@@ -174,6 +177,12 @@ def test_status_table_and_json_describe_the_real_workers(tmp_path, capsys):
             # the control socket stays in the master: no worker inherits it
             assert found["socket"] not in {table.get(i) for i in socket_inodes(row["pid"])}
         assert found["socket"] in {table.get(i) for i in socket_inodes(proc.pid)}
+        served = {w["pid"]: w["requests"] for w in found["workers"]}
+        assert sorted(served.values(), key=str) == [1, None]  # the one request, counted
+        for _ in range(3):
+            http_get(port)
+        code, out, err = client(capsys, "status", "--json", "--name", "st")
+        assert sum(w["requests"] or 0 for w in json.loads(out)["workers"]) == 4
     finally:
         assert stop(proc) == 0
         proc.finish()
