@@ -80,6 +80,7 @@ class Logging:
         self._saved_root: tuple[int, list[logging.Handler]] | None = None
         self.logger = logging.getLogger("pycluster")
         self._handler: logging.Handler | None = None
+        self._hung: set[int] = set()  # ids of workers the watchdog is killing
 
     def install(self, master: Master) -> None:
         """Subscribe to every lifecycle event of *master*."""
@@ -106,6 +107,7 @@ class Logging:
             logging.INFO if w.exited_after_disconnect else logging.WARNING, w, "disconnect",
             "worker %d disconnected (pid %s)"))
         master.on("exit", self._on_exit)
+        master.on("watchdog_kill", lambda w, stacks: self._hung.add(w.id))
         master.on("error", self._on_error)
         master.on("output", self._on_output)
 
@@ -161,7 +163,12 @@ class Logging:
 
     def _on_exit(self, worker: Worker, code: int | None, signal: str | None) -> None:
         expected = bool(worker.exited_after_disconnect)
-        if signal == "SIGKILL":
+        hung = worker.id in self._hung
+        self._hung.discard(worker.id)
+        if hung and signal is not None:  # the watchdog logged why, with the stacks
+            level = logging.ERROR
+            how = f"was killed by {signal} (hung: the watchdog's kill)"
+        elif signal == "SIGKILL":
             level = logging.INFO if expected else logging.ERROR
             how = "was killed by SIGKILL" + ("" if expected else " (perhaps out of memory?)")
         elif signal is not None:

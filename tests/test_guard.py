@@ -73,8 +73,10 @@ def test_watchdog_logs_every_thread_of_a_hung_loop_then_kills_it_and_respawn_rep
     """A worker whose asyncio loop is blocked in ``time.sleep()`` stops beating; the
     watchdog logs its stacks (naming the blocking function, with the IPC thread named),
     emits ``watchdog_kill`` with them, SIGKILLs it (not ``exited_after_disconnect``) and
-    respawn forks a replacement in the same slot, which is watched in turn."""
+    respawn forks a replacement in the same slot, which is watched in turn; the logging
+    plugin's exit line names the watchdog's kill instead of guessing at memory."""
     master = make(tmp_path, LOOP_WORKER).use("watchdog", timeout=0.5).use("respawn")
+    master.use("logging")
     events = Events(master)
     kills = Kills(master)
     ids = running_ids(master)
@@ -102,6 +104,11 @@ def test_watchdog_logs_every_thread_of_a_hung_loop_then_kills_it_and_respawn_rep
     assert hung.levelno == logging.ERROR
     assert "worker 1" in hung.getMessage() and "is hung: sent no heartbeat" in hung.getMessage()
     assert "stuck_in_the_app" in hung.getMessage() and "SIGKILL" in hung.getMessage()
+    # the logging plugin's exit line says it was the watchdog, not a guess at memory
+    [exited] = [r for r in caplog.records if getattr(r, "event", None) == "exit"
+                and r.worker_id == 1]
+    assert "hung: the watchdog's kill" in exited.getMessage()
+    assert "out of memory" not in exited.getMessage()
 
 
 def test_a_worker_that_never_beats_is_not_watched(tmp_path):
