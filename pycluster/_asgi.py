@@ -257,11 +257,17 @@ async def _drain(server: uvicorn.Server, gate: _Gate, live: set[Any], servers: l
     gate.draining = True
     while not server.started and not server.should_exit:  # noqa: ASYNC110 - no event for it
         await asyncio.sleep(_POLL)
+    # Stop accepting first, and close the servers only once the connections accepted
+    # meanwhile have their transports: asyncio makes a transport a loop turn or more after
+    # the accept, and one made after its server closed is reset unserved (the server's
+    # _attach() asserts that it is open).
+    loop = asyncio.get_running_loop()
+    for listener in servers:
+        for sock in listener.sockets:
+            loop.remove_reader(sock.fileno())
+    await asyncio.sleep(_POLL)
     for listener in servers:
         listener.close()
-    # asyncio makes the protocol of a connection it accepted a loop turn or more later:
-    # give those a moment to show up in `live` before counting.
-    await asyncio.sleep(_POLL)
     while time.monotonic() < deadline:
         for transport in [t for t in live if t.is_closing()]:
             live.discard(transport)
