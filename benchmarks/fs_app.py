@@ -57,6 +57,13 @@ async def serve(grace: float = 5.0) -> None:
     worker.on("disconnect", disconnected.set)
     server = await asyncio.get_running_loop().create_server(Hello, sock=worker.listen())
     await disconnected.wait()
+    # Stop accepting (queued connections go to the other workers), give the connections
+    # accepted a moment ago their transports, then close: asyncio resets a connection
+    # whose transport is made after its server closed.
+    loop = asyncio.get_running_loop()
+    for sock in server.sockets:
+        loop.remove_reader(sock.fileno())
+    await asyncio.sleep(0.05)
     server.close()
     Hello.draining = True
     for _ in range(int(grace / 0.05)):

@@ -51,7 +51,14 @@ async def serve(grace=5.0):
     worker.on("disconnect", disconnected.set)
     server = await asyncio.get_running_loop().create_server(Hello, sock=worker.listen(PORT, HOST))
     await disconnected.wait()
-    server.close()  # stop accepting; queued connections go to the other workers
+    # Stop accepting (queued connections go to the other workers), give the connections
+    # accepted a moment ago their transports, then close: asyncio resets a connection
+    # whose transport is made after its server closed.
+    loop = asyncio.get_running_loop()
+    for sock in server.sockets:
+        loop.remove_reader(sock.fileno())
+    await asyncio.sleep(0.05)
+    server.close()
     Hello.draining = True
     for _ in range(int(grace / 0.05)):
         if not Hello.connections:
