@@ -243,7 +243,10 @@ class FrameDecoder:
         return frames
 
 
-def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+_FD_SIZE = array.array("i").itemsize
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     """The fds that ``SCM_RIGHTS`` ancillary data (from ``recvmsg()``) carries."""
     fds = array.array("i")
     for level, kind, data in ancdata:
@@ -256,6 +259,6 @@ def recv_fds(sock: socket.socket, size: int, maxfds: int, flags: int = 0
              ) -> tuple[bytes, list[int]]:
     """One message and the fds it carries (close-on-exec). Unlike
     ``socket.recv_fds()`` before Python 3.12, it passes *flags* on (``MSG_DONTWAIT``)."""
-    ancsize = socket.CMSG_SPACE(maxfds * array.array("i").itemsize)
+    ancsize = socket.CMSG_SPACE(maxfds * _FD_SIZE)
     data, ancdata, _, _ = sock.recvmsg(size, ancsize, flags | socket.MSG_CMSG_CLOEXEC)
-    return data, received_fds(ancdata)
+    return data, _received_fds(ancdata) if ancdata else []

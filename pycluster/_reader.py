@@ -9,7 +9,6 @@ startup code: a master may send as soon as it forks.
 
 from __future__ import annotations
 
-import array
 import collections
 import os
 import select
@@ -21,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from ._emitter import Emitter
-from ._protocol import READ_SIZE, FrameDecoder, received_fds
+from ._protocol import READ_SIZE, FrameDecoder, recv_fds
 
 __all__ = ["EARLY_LIMIT", "Dispatcher", "exit_now", "read_frames"]
 
@@ -127,21 +126,17 @@ def read_frames(
     poller.register(sock, select.POLLIN)
     # On Linux PR_SET_PDEATHSIG backs up EOF, so a plain blocking read (one syscall a
     # message) is enough; elsewhere poll with a timeout to check the parent pid.
-    flags = socket.MSG_CMSG_CLOEXEC
-    if not sys.platform.startswith("linux"):
-        flags |= socket.MSG_DONTWAIT
-    ancsize = socket.CMSG_SPACE(16 * array.array("i").itemsize)
+    flags = 0 if sys.platform.startswith("linux") else socket.MSG_DONTWAIT
     while True:
         try:
-            data, ancdata, _, _ = sock.recvmsg(READ_SIZE, ancsize, flags)
+            data, got = recv_fds(sock, READ_SIZE, 16, flags)
         except (BlockingIOError, InterruptedError):
             if not poller.poll(1000) and os.getppid() != master_pid:
                 return  # the master is gone, though its end of the channel is not
             continue
         except OSError:
-            data, ancdata = b"", []
-        if ancdata:
-            fds.extend(received_fds(ancdata))
+            data, got = b"", []
+        fds.extend(got)
         if not data:
             return
         for kind, payload in decoder.feed(data):
