@@ -175,11 +175,12 @@ def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[in
     offered = False  # a spare waits at the master
     spares = not failed
     while True:
-        if spares and adopting is None and not offered and _threads_alive("") is None:
+        if spares and adopting is None and not offered and threading.active_count() == 1:
             try:
                 adopting, assigned = _fork_spare(ctl)
             except OSError as exc:
-                spares = _no_spares(exc)
+                _say_no_spares(exc)
+                spares = False
             else:
                 if assigned is not None:  # this process is the spare, and has its request
                     return assigned
@@ -190,7 +191,8 @@ def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[in
                 adopting.offer(ctl)
                 offered = True
             except OSError as exc:
-                spares = _no_spares(exc)
+                _say_no_spares(exc)
+                spares = False
             adopting = None
         if ctl not in readable:
             continue
@@ -226,15 +228,14 @@ def _serve(ctl: socket.socket, *, failed: bool) -> tuple[dict[str, Any], list[in
         ctl.send(json.dumps({"pid": pid}).encode())
 
 
-def _no_spares(exc: OSError) -> bool:
+def _say_no_spares(exc: OSError) -> None:
     """Say (on stderr) that this template stops forking spares, unless the master is
-    gone (it exits then); return False."""
+    gone (it exits then)."""
     if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-        return False
+        return
     print(f"pycluster: warning: the fork server's template cannot fork a spare worker "
           f"ahead ({exc}); it forks each worker when asked from now on", file=sys.stderr,
           flush=True)
-    return False
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
